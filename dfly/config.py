@@ -1,0 +1,56 @@
+"""Defaults and option parsing shared by the twistd plugins and dfget."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from twisted.python import usage
+
+DEFAULT_SUPERNODE_PORT = 8002
+DEFAULT_API_PORT = 8001
+DEFAULT_PEER_PORT = 15001
+
+
+def data_home(role: str) -> str:
+    """Default state directory for C{role}: $XDG_DATA_HOME/dfly/ROLE (~/.local/share/...)."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "dfly", role)
+
+
+_HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-_]+)(?::(\d{1,5}))?$")
+
+
+def parse_hostport(text: str, default_port: int = DEFAULT_SUPERNODE_PORT) -> tuple[str, int]:
+    """Parse C{HOST[:PORT]}; raises C{usage.UsageError} with a clear message."""
+    m = _HOSTPORT.match(text.strip())
+    if not m:
+        raise usage.UsageError(f"expected HOST:PORT, got {text!r}")
+    host = m.group(1).strip("[]")
+    port = int(m.group(2)) if m.group(2) else default_port
+    if not 0 < port < 65536:
+        raise usage.UsageError(f"port out of range in {text!r}")
+    return host, port
+
+
+def positive(kind: type, name: str, text: str) -> float:
+    """Parse a positive number option, raising C{usage.UsageError} otherwise."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise usage.UsageError(f"--{name} must be a number, not {text!r}") from None
+    if value <= 0:
+        raise usage.UsageError(f"--{name} must be positive")
+    return float(value)
+
+
+def write_ready_file(path: str | None, info: dict[str, object]) -> None:
+    """Atomically write C{info} as JSON to C{path} (if given): tells scripts we listen."""
+    if not path:
+        return
+    import json
+
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(info, f)
+    os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""Helpers for demos, tests and benchmarks (not used by the daemons)."""

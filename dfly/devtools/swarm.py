@@ -1,0 +1,205 @@
+"""Run a whole swarm on loopback as real processes: origin, supernode, peers, dfget.
+
+Used by the demo, the loopback tests and the benchmarks.  Every process is a
+real C{twistd -n} (or dfget, or the counting origin) started from this
+Python's environment; each writes a ready file once it listens, so nothing
+here guesses ports or sleeps for a fixed time.  L{Swarm.close} stops all of
+them (SIGTERM, then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+BIN = os.path.dirname(sys.executable)
+
+
+def _tool(name: str) -> str:
+    path = os.path.join(BIN, name)
+    return path if os.path.exists(path) else name
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: str
+    info: dict[str, Any]
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, wait: float = 10.0) -> int | None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(wait)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        return self.popen.returncode
+
+
+class SwarmError(RuntimeError):
+    pass
+
+
+class Swarm:
+    """Processes of one loopback swarm under C{root}."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        os.makedirs(self.root, exist_ok=True)
+        self.procs: list[Proc] = []
+        self.origin_port: int | None = None
+        self.supernode_info: dict[str, Any] | None = None
+        self.peers: dict[str, Proc] = {}
+
+    # -- starting things ---------------------------------------------------
+    def _spawn(self, name: str, argv: list[str], ready: str | None, timeout: float = 30.0) -> Proc:
+        log = os.path.join(self.root, f"{name}.log")
+        if ready and os.path.exists(ready):
+            os.unlink(ready)
+        with open(log, "ab") as out:
+            popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True)
+        proc = Proc(name, popen, log, {})
+        self.procs.append(proc)
+        if ready:
+            deadline = time.monotonic() + timeout
+            while not os.path.exists(ready):
+                if popen.poll() is not None:
+                    raise SwarmError(f"{name} exited with {popen.returncode}; see {log}:\n{self.tail(log)}")
+                if time.monotonic() > deadline:
+                    raise SwarmError(f"{name} did not start within {timeout:g} s; see {log}")
+                time.sleep(0.02)
+            with open(ready) as f:
+                proc.info = json.load(f)
+        return proc
+
+    @staticmethod
+    def tail(path: str, lines: int = 30) -> str:
+        try:
+            with open(path, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def start_origin(self, directory: str) -> int:
+        ready = os.path.join(self.root, "origin.port")
+        proc = self._spawn(
+            "origin",
+            [sys.executable, "-m", "dfly.devtools.origin", "--dir", directory, "--port-file", ready],
+            None,
+        )
+        deadline = time.monotonic() + 30
+        while not os.path.exists(ready):
+            if not proc.alive() or time.monotonic() > deadline:
+                raise SwarmError(f"origin did not start; see {proc.log}:\n{self.tail(proc.log)}")
+            time.sleep(0.02)
+        with open(ready) as f:
+            self.origin_port = int(f.read())
+        return self.origin_port
+
+    def origin_url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.origin_port}/{name}"
+
+    def origin_stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.origin_port}/_stats", timeout=10) as r:
+            return dict(json.load(r))
+
+    def start_supernode(self, *extra: str, name: str = "supernode") -> dict[str, Any]:
+        home = os.path.join(self.root, name)
+        ready = os.path.join(self.root, f"{name}.ready")
+        proc = self._spawn(
+            name,
+            [
+                _tool("twistd"), "-n", "--pidfile=", "-l", "-", "dfly-supernode",
+                "--port", "tcp:0:interface=127.0.0.1", "--api", "tcp:0:interface=127.0.0.1",
+                "--home", home, "--ready-file", ready, *extra,
+            ],
+            ready,
+        )
+        self.supernode_info = proc.info
+        return proc.info
+
+    @property
+    def supernode_address(self) -> str:
+        assert self.supernode_info is not None
+        return f"127.0.0.1:{self.supernode_info['port']}"
+
+    def start_peer(self, name: str, *extra: str) -> Proc:
+        home = os.path.join(self.root, name)
+        ready = os.path.join(self.root, f"{name}.ready")
+        proc = self._spawn(
+            name,
+            [
+                _tool("twistd"), "-n", "--pidfile=", "-l", "-", "dfly-peer",
+                "--supernode", self.supernode_address, "--port", "tcp:0:interface=127.0.0.1",
+                "--home", home, "--ready-file", ready, *extra,
+            ],
+            ready,
+        )
+        proc.info["home"] = home
+        self.peers[name] = proc
+        return proc
+
+    # -- using it ----------------------------------------------------------
+    def dfget_argv(self, url: str, output: str, *extra: str, peer: str | None = None) -> list[str]:
+        where = ["--home", self.peers[peer].info["home"]] if peer else ["--supernode", self.supernode_address]
+        return [_tool("dfget"), url, "-o", output, "--json", *where, *extra]
+
+    def dfget(self, url: str, output: str, *extra: str, peer: str | None = None, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.dfget_argv(url, output, *extra, peer=peer),
+            capture_output=True, text=True, timeout=timeout, cwd=self.root,
+        )
+
+    def dfget_many(self, jobs: list[tuple[str, str, str | None]], timeout: float = 300.0) -> list[subprocess.CompletedProcess[str]]:
+        """Run several dfget at once: (url, output, peer-or-None) each."""
+        started = [
+            (argv, subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=self.root))
+            for argv in (self.dfget_argv(u, o, peer=p) for u, o, p in jobs)
+        ]
+        results = []
+        deadline = time.monotonic() + timeout
+        for argv, popen in started:
+            try:
+                out, err = popen.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                popen.kill()
+                out, err = popen.communicate()
+            results.append(subprocess.CompletedProcess(argv, popen.returncode, out, err))
+        return results
+
+    def api(self, path: str = "/api/v1/tasks") -> Any:
+        assert self.supernode_info is not None
+        url = f"http://127.0.0.1:{self.supernode_info['api']}{path}"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return json.load(r)
+
+    def task(self, url_suffix: str) -> dict[str, Any]:
+        for task in self.api()["tasks"]:
+            if task["url"].endswith(url_suffix):
+                return dict(task)
+        raise SwarmError(f"no task for {url_suffix}")
+
+    def close(self) -> dict[str, int | None]:
+        codes = {}
+        for proc in reversed(self.procs):
+            codes[proc.name] = proc.stop()
+        self.procs.clear()
+        return codes
+
+    def __enter__(self) -> Swarm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

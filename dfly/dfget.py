@@ -1,0 +1,434 @@
+"""dfget: download a URL through the dfly swarm, like wget.
+
+The output appears at its path only complete and verified: bytes go to a
+temporary file beside it, which is renamed into place after the md5 check;
+on any failure the temporary file is removed and the exit status says why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any, NoReturn, TextIO
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.endpoints import UNIXClientEndpoint, serverFromString
+from twisted.python import usage
+from twisted.python.failure import Failure
+
+from dfly import __version__
+from dfly.config import data_home, parse_hostport, positive
+from dfly.errors import (
+    DflyError,
+    DownloadTimeout,
+    IntegrityError,
+    NoSupernode,
+    OriginError,
+    ProtocolError,
+)
+from dfly.urls import check_url, origin_headers, parse_header_lines
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_ORIGIN = 3
+EXIT_INTEGRITY = 4
+EXIT_TIMEOUT = 5
+EXIT_OUTPUT = 6
+EXIT_NO_SUPERNODE = 7
+
+_KIND_EXIT = {
+    "OriginError": EXIT_ORIGIN,
+    "TaskFailed": EXIT_ORIGIN,
+    "IntegrityError": EXIT_INTEGRITY,
+    "DownloadTimeout": EXIT_TIMEOUT,
+    "NoSupernode": EXIT_NO_SUPERNODE,
+}
+
+
+DESCRIPTION = (
+    "Download URL to PATH through the dfly swarm. With --home, the peer daemon whose home "
+    "is DIR does the download (and shares it); with --supernode, dfget runs a peer of its "
+    "own for the duration."
+)
+EPILOG = (
+    "exit status: 0 done and verified, 1 failed, 2 usage, 3 origin error, 4 integrity "
+    "error, 5 timeout, 6 cannot write the output, 7 no supernode (with --no-back-source)"
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise usage.UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="dfget", description=DESCRIPTION, epilog=EPILOG)
+    p.add_argument("url", nargs="?", help="http(s) URL to download")
+    p.add_argument("-o", "--output", help="where to write the file (default: the URL's last path segment)")
+    p.add_argument("--home", help="home directory of a running peer daemon to hand the download to")
+    p.add_argument("-s", "--supernode", action="append", default=[], metavar="HOST:PORT",
+                   help="supernode to use with an in-process peer (repeatable)")
+    p.add_argument("-m", "--md5", help="expected md5 of the whole file")
+    p.add_argument("-i", "--identifier", help="extra task identity (ignored with --md5)")
+    p.add_argument("-f", "--filter", default="", help="query keys to ignore for task identity, as 'k1&k2'")
+    p.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'",
+                   help="header sent to the origin (repeatable)")
+    p.add_argument("-e", "--timeout", help="give up after this many seconds")
+    p.add_argument("--no-back-source", action="store_true", help="never download straight from the origin")
+    p.add_argument("--json", action="store_true", help="print a JSON summary line on stdout when done")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--version", action="store_true", help="print the version and exit")
+    return p
+
+
+class Options(dict[str, Any]):
+    """dfget's parsed command line; C{parseOptions} raises C{usage.UsageError}."""
+
+    def parseOptions(self, argv: list[str]) -> None:
+        ns = _parser().parse_args(argv)
+        self.update({k.replace("_", "-"): v for k, v in vars(ns).items()})
+        self["supernode"] = [parse_hostport(s) for s in self["supernode"]]
+        self.postOptions()
+
+    def help(self) -> str:
+        return _parser().format_help()
+
+    def postOptions(self) -> None:
+        if self["version"]:
+            return
+        if not self["url"]:
+            raise usage.UsageError("a URL is required")
+        try:
+            check_url(self["url"])
+            parse_header_lines(self["header"])
+        except DflyError as e:
+            raise usage.UsageError(str(e)) from None
+        if self["md5"] is not None:
+            md5 = self["md5"].lower()
+            if len(md5) != 32 or any(c not in "0123456789abcdef" for c in md5):
+                raise usage.UsageError("--md5 must be 32 hex digits")
+            self["md5"] = md5
+        if self["timeout"] is not None:
+            self["timeout"] = positive(float, "timeout", self["timeout"])
+        if self["home"] and self["supernode"]:
+            raise usage.UsageError("give --home or --supernode, not both")
+        if not self["output"]:
+            name = self["url"].split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+            if not name or "://" in name or name in (".", ".."):
+                raise usage.UsageError("cannot name the output after the URL; give -o PATH")
+            self["output"] = name
+        self["filters"] = [k for k in self["filter"].split("&") if k]
+
+
+class Reporter:
+    """Progress on a terminal, silence elsewhere."""
+
+    def __init__(self, stream: TextIO, enabled: bool) -> None:
+        self.stream = stream
+        self.enabled = enabled and stream.isatty()
+        self.start = time.monotonic()
+        self.shown = False
+
+    def progress(self, received: int, total: int | None) -> None:
+        if not self.enabled:
+            return
+        elapsed = max(time.monotonic() - self.start, 1e-6)
+        rate = received / elapsed / 1e6
+        if total:
+            frac = min(received / total, 1.0)
+            bar = "#" * int(frac * 30)
+            text = f"\r[{bar:<30}] {frac * 100:5.1f}% {received / 1e6:8.1f}/{total / 1e6:.1f} MB {rate:7.1f} MB/s"
+        else:
+            text = f"\r{received / 1e6:8.1f} MB {rate:7.1f} MB/s"
+        self.stream.write(text)
+        self.stream.flush()
+        self.shown = True
+
+    def end(self) -> None:
+        if self.shown:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.shown = False
+
+
+class Output:
+    """The temporary file beside the output path, renamed into place only when verified."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        directory = os.path.dirname(self.path)
+        if os.path.isdir(self.path):
+            raise OSError(f"{path} is a directory")
+        if not os.path.isdir(directory):
+            raise OSError(f"directory {directory} does not exist")
+        fd, self.tmp = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".", suffix=".dfly-part", dir=directory)
+        os.close(fd)
+        self.done = False
+
+    def commit(self) -> None:
+        with open(self.tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.path)
+        self.done = True
+
+    def discard(self) -> None:
+        if not self.done:
+            try:
+                os.unlink(self.tmp)
+            except OSError:
+                pass
+
+
+def copy_verified(src: str, dst: str, length: int, md5: str) -> None:
+    """Copy C{length} bytes of C{src} to C{dst}, checking their md5 on the way."""
+    h = hashlib.md5()
+    left = length
+    with open(src, "rb", buffering=0) as fi, open(dst, "wb") as fo:
+        while left > 0:
+            chunk = fi.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            h.update(chunk)
+            fo.write(chunk)
+            left -= len(chunk)
+    if left or h.hexdigest() != md5:
+        raise IntegrityError(f"copy of {src} does not match md5 {md5}")
+
+
+class _ApiClient:
+    """Client side of the peer daemon's local API."""
+
+    def __init__(self, wire: Any, reporter: Reporter) -> None:
+        self.wire = wire
+        self.reporter = reporter
+        self.result: Deferred[dict[str, Any]] = Deferred()
+
+    def connection_made(self) -> None:
+        pass
+
+    def control_received(self, msg: dict[str, Any]) -> None:
+        op = msg["op"]
+        if op == "progress":
+            self.reporter.progress(int(msg.get("received") or 0), msg.get("total"))
+        elif op in ("done", "failed") and not self.result.called:
+            self.result.callback(msg)
+
+    def slice_data(self, data: memoryview) -> None:
+        raise ProtocolError("no slices expected")
+
+    def slice_finished(self) -> None:
+        pass
+
+    def protocol_error(self, error: ProtocolError) -> None:
+        pass
+
+    def connection_lost(self, reason: Failure) -> None:
+        if not self.result.called:
+            self.result.errback(DflyError(f"peer daemon closed the connection: {reason.getErrorMessage()}"))
+
+
+def _raise_kind(msg: dict[str, Any]) -> None:
+    kind, reason = msg.get("kind"), str(msg.get("reason") or "download failed")
+    cls = {
+        "OriginError": OriginError,
+        "NoSupernode": NoSupernode,
+        "IntegrityError": IntegrityError,
+    }.get(str(kind), DflyError)
+    if cls is OriginError:
+        raise OriginError(reason, msg.get("status"))
+    raise cls(reason)
+
+
+async def via_daemon(reactor: Any, opts: Options, out: Output, reporter: Reporter) -> dict[str, Any]:
+    from dfly.peer.tap import socket_path
+    from dfly.wire.protocol import FramedFactory
+
+    sock = socket_path(os.path.abspath(opts["home"]))
+    if not os.path.exists(sock):
+        raise NoSupernode(f"no peer daemon listening at {sock}")
+    holder: list[_ApiClient] = []
+
+    def make(wire: Any) -> _ApiClient:
+        holder.append(_ApiClient(wire, reporter))
+        return holder[0]
+
+    try:
+        wire = await UNIXClientEndpoint(reactor, sock, timeout=5).connect(FramedFactory(make))
+    except Exception as e:
+        raise NoSupernode(f"cannot reach the peer daemon at {sock}: {e}") from None
+    client = holder[0]
+    try:
+        wire.send_control(
+            {
+                "op": "download",
+                "url": opts["url"],
+                "headers": opts["header"],
+                "filter": opts["filters"],
+                "md5": opts["md5"],
+                "identifier": opts["identifier"],
+            }
+        )
+        msg = await client.result
+        if msg["op"] == "failed":
+            _raise_kind(msg)
+        copy_verified(str(msg["path"]), out.tmp, int(msg["length"]), str(msg["md5"]))
+        out.commit()
+        return {k: v for k, v in msg.items() if k not in ("op", "path")}
+    finally:
+        wire.close()
+
+
+async def in_process(reactor: Any, opts: Options, out: Output, reporter: Reporter) -> dict[str, Any]:
+    from dfly.peer.node import DownloadRequest, PeerNode, stats_line
+    from dfly.wire.protocol import FramedFactory
+    from dfly.wire.serve import SliceServerSession
+
+    home = tempfile.mkdtemp(prefix=".dfly-peer-", dir=os.path.dirname(out.path))
+    node = PeerNode(reactor, home, opts["supernode"] or [("127.0.0.1", 8002)], link_timeout=5.0)
+    port = await serverFromString(reactor, "tcp:0").listen(
+        FramedFactory(lambda wire: SliceServerSession(wire, node.lookup))
+    )
+    try:
+        node.start(port.getHost().port)
+        request = DownloadRequest(
+            opts["url"], opts["header"], opts["filters"], opts["md5"], opts["identifier"]
+        )
+        result = await node.download(request, reporter.progress)
+        # Same file system as the output: the verified data file becomes the output.
+        os.replace(result.path, out.tmp)
+        out.commit()
+        return stats_line(result)
+    finally:
+        node.stop()
+        await port.stopListening()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+async def back_source(reactor: Any, opts: Options, out: Output, reporter: Reporter) -> dict[str, Any]:
+    """Plain streaming GET from the origin, with the same output rules."""
+    import treq
+    from twisted.web.iweb import UNKNOWN_LENGTH
+
+    start = time.monotonic()
+    headers: Any = origin_headers(opts["header"])
+    response = await treq.request("GET", opts["url"], headers=headers, unbuffered=True, reactor=reactor)
+    if response.code != 200:
+        await treq.content(response)
+        raise OriginError(f"origin answered {response.code} {response.phrase.decode('latin-1')}", response.code)
+    total = None if response.length is UNKNOWN_LENGTH else response.length
+    h = hashlib.md5()
+    received = 0
+    with open(out.tmp, "wb") as f:
+
+        def write(chunk: bytes) -> None:
+            nonlocal received
+            f.write(chunk)
+            h.update(chunk)
+            received += len(chunk)
+            reporter.progress(received, total)
+
+        await treq.collect(response, write)
+    md5 = h.hexdigest()
+    if total is not None and received != total:
+        raise OriginError(f"origin sent {received} bytes, Content-Length said {total}")
+    if opts["md5"] and md5 != opts["md5"]:
+        raise IntegrityError(f"file md5 {md5} is not the expected {opts['md5']}")
+    out.commit()
+    return {"length": received, "md5": md5, "seconds": round(time.monotonic() - start, 3), "from_origin": received}
+
+
+async def run(reactor: Any, opts: Options, stdout: TextIO, stderr: TextIO) -> int:
+    reporter = Reporter(stderr, not opts["quiet"])
+    try:
+        out = Output(opts["output"])
+    except OSError as e:
+        stderr.write(f"dfget: cannot write {opts['output']}: {e}\n")
+        return EXIT_OUTPUT
+
+    async def attempt() -> dict[str, Any]:
+        try:
+            if opts["home"]:
+                return await via_daemon(reactor, opts, out, reporter)
+            return await in_process(reactor, opts, out, reporter)
+        except NoSupernode as e:
+            if opts["no-back-source"]:
+                raise
+            reporter.end()
+            stderr.write(f"dfget: {e}; downloading straight from the origin\n")
+            return await back_source(reactor, opts, out, reporter)
+
+    d = ensureDeferred(attempt())
+    timer = None
+    if opts["timeout"]:
+        timer = reactor.callLater(opts["timeout"], d.cancel)
+    try:
+        summary = await d
+    except Exception as e:  # every failure becomes one line and an exit code
+        out.discard()
+        reporter.end()
+        from twisted.internet.defer import CancelledError
+
+        if isinstance(e, CancelledError) and timer is not None and not timer.active():
+            e = DownloadTimeout(f"timed out after {opts['timeout']:g} s")
+        stderr.write(f"dfget: {describe(e)}\n")
+        return exit_code(e)
+    finally:
+        if timer is not None and timer.active():
+            timer.cancel()
+    reporter.end()
+    if opts["json"]:
+        stdout.write(json.dumps({"output": out.path, **summary}) + "\n")
+    elif stderr.isatty() and not opts["quiet"]:
+        stderr.write(f"dfget: saved {out.path} ({summary.get('length')} bytes, md5 {summary.get('md5')})\n")
+    return EXIT_OK
+
+
+def describe(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    return text.replace("\n", " ")
+
+
+def exit_code(error: BaseException) -> int:
+    if isinstance(error, OSError):
+        return EXIT_OUTPUT
+    return _KIND_EXIT.get(type(error).__name__, EXIT_FAILED)
+
+
+def main(argv: list[str] | None = None) -> None:
+    opts = Options()
+    try:
+        opts.parseOptions(sys.argv[1:] if argv is None else argv)
+    except usage.UsageError as e:
+        sys.stderr.write(f"dfget: {e} (see dfget --help)\n")
+        raise SystemExit(EXIT_USAGE) from None
+    if opts["version"]:
+        print(f"dfget {__version__}")
+        raise SystemExit(0)
+    if not opts["home"] and not opts["supernode"]:
+        default_home = data_home("peer")
+        if os.path.exists(os.path.join(default_home, "dfly.sock")):
+            opts["home"] = default_home
+    from twisted.internet import task
+
+    codes: list[int] = []
+
+    async def go(reactor: Any) -> None:
+        codes.append(await run(reactor, opts, sys.stdout, sys.stderr))
+
+    try:
+        task.react(lambda reactor: ensureDeferred(go(reactor)))
+    except SystemExit as e:
+        if e.code not in (0, None) or not codes:
+            raise
+    raise SystemExit(codes[0] if codes else EXIT_FAILED)
+
+
+if __name__ == "__main__":
+    main()

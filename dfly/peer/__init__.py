@@ -1,0 +1,1 @@
+"""The peer: downloads pieces from the swarm, verifies them and shares them."""

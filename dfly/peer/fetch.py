@@ -1,0 +1,195 @@
+"""Fetching slices from sources (other peers and the supernode).
+
+Design: one connection per source address, kept while it has work, with
+requests pipelined on it; the source answers in order, so the oldest
+outstanding request is the one each C{slice} or C{nack} answers.  Slice data
+goes straight to the store as it arrives (no piece is held in memory) and the
+md5 is checked by the frame parser.  A request whose piece has meanwhile been
+given to another source is marked I{stale}: its bytes are dropped and its
+outcome ignored.  If nothing arrives for C{stall_timeout} seconds while
+requests are outstanding, the connection is aborted and they all fail.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from dfly.errors import BadControlMessage, ProtocolError
+from dfly.peer.store import StoredTask
+from dfly.wire.messages import get_int, get_opt_str, get_task_id
+from dfly.wire.protocol import FramedFactory, FramedProtocol
+
+
+class PieceRequest:
+    """One piece to fetch from one source."""
+
+    def __init__(
+        self,
+        task: StoredTask,
+        piece: int,
+        data_len: int,
+        md5: str,
+        on_result: Callable[[PieceRequest, str | None], None],
+    ) -> None:
+        self.task = task
+        self.piece = piece
+        self.data_len = data_len
+        self.md5 = md5
+        self.on_result = on_result
+        self.stale = False
+        self.received = 0
+        self.finished = False
+
+    def finish(self, error: str | None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if not self.stale:
+            self.on_result(self, error)
+
+
+class FetchSession:
+    """Client side of one connection to a source."""
+
+    _log = Logger()
+
+    def __init__(self, wire: FramedProtocol, pool: SourcePool, key: tuple[str, int]) -> None:
+        self.wire = wire
+        self.pool = pool
+        self.key = key
+        self.sent: deque[PieceRequest] = deque()
+        self.current: PieceRequest | None = None
+        self.timer: IDelayedCall | None = None
+        self.error: str | None = None
+
+    def connection_made(self) -> None:
+        pass
+
+    def request(self, req: PieceRequest) -> None:
+        self.sent.append(req)
+        self.wire.send_control({"op": "get", "task": req.task.task_id, "piece": req.piece})
+        self._arm()
+
+    def _arm(self) -> None:
+        if not self.sent:
+            if self.timer is not None and self.timer.active():
+                self.timer.cancel()
+            self.timer = None
+        elif self.timer is None or not self.timer.active():
+            self.timer = self.pool.reactor.callLater(self.pool.stall_timeout, self._stalled)
+        else:
+            self.timer.reset(self.pool.stall_timeout)
+
+    def _stalled(self) -> None:
+        self.timer = None
+        self.error = f"source sent nothing for {self.pool.stall_timeout:g} s"
+        self.wire.close(abort=True)
+
+    def control_received(self, msg: dict[str, Any]) -> None:
+        op = msg["op"]
+        if op not in ("slice", "nack") or not self.sent:
+            raise BadControlMessage(f"unexpected {op!r} from a source")
+        req = self.sent[0]
+        if get_task_id(msg) != req.task.task_id or get_int(msg, "piece") != req.piece:
+            raise BadControlMessage("answer does not match the oldest request")
+        self._arm()
+        if op == "nack":
+            self.sent.popleft()
+            req.finish(f"source refused: {get_opt_str(msg, 'reason', 512) or '?'}")
+            return
+        self.current = req
+        self.wire.expect_slice(req.task.piece_size, req.data_len, req.md5)
+
+    def slice_data(self, data: memoryview) -> None:
+        req = self.current
+        assert req is not None
+        if not req.stale:
+            req.task.write(req.piece, req.received, data)
+        req.received += len(data)
+        if self.timer is not None:
+            self.timer.reset(self.pool.stall_timeout)
+
+    def slice_finished(self) -> None:
+        req = self.sent.popleft()
+        self.current = None
+        self._arm()
+        req.finish(None)
+
+    def protocol_error(self, error: ProtocolError) -> None:
+        self.error = str(error)
+
+    def connection_lost(self, reason: Failure) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        self.pool.lost(self.key, self)
+        why = self.error or f"connection to source lost: {reason.getErrorMessage()}"
+        while self.sent:
+            self.sent.popleft().finish(why)
+
+
+class SourcePool:
+    """Connections to sources, one per address, opened on demand."""
+
+    _log = Logger()
+
+    def __init__(self, reactor: Any, stall_timeout: float = 30.0, connect_timeout: float = 10.0) -> None:
+        self.reactor = reactor
+        self.stall_timeout = stall_timeout
+        self.connect_timeout = connect_timeout
+        self._sessions: dict[tuple[str, int], FetchSession] = {}
+        self._connecting: dict[tuple[str, int], list[PieceRequest]] = {}
+        self._attempts: dict[tuple[str, int], Deferred[Any]] = {}
+
+    def fetch(self, host: str, port: int, req: PieceRequest) -> None:
+        key = (host, port)
+        session = self._sessions.get(key)
+        if session is not None and session.wire.connected_open:
+            session.request(req)
+            return
+        waiting = self._connecting.get(key)
+        if waiting is not None:
+            waiting.append(req)
+            return
+        self._connecting[key] = [req]
+        holder: dict[str, FetchSession] = {}
+
+        def make_session(wire: FramedProtocol) -> FetchSession:
+            holder["s"] = FetchSession(wire, self, key)
+            return holder["s"]
+
+        endpoint = HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
+        d = endpoint.connect(FramedFactory(make_session))
+        self._attempts[key] = d
+
+        def connected(_: Any) -> None:
+            self._attempts.pop(key, None)
+            session = holder["s"]
+            self._sessions[key] = session
+            for r in self._connecting.pop(key, []):
+                session.request(r)
+
+        def failed(f: Failure) -> None:
+            self._attempts.pop(key, None)
+            for r in self._connecting.pop(key, []):
+                r.finish(f"cannot connect to source {host}:{port}: {f.getErrorMessage()}")
+
+        d.addCallbacks(connected, failed)
+
+    def lost(self, key: tuple[str, int], session: FetchSession) -> None:
+        if self._sessions.get(key) is session:
+            del self._sessions[key]
+
+    def close(self) -> None:
+        for d in list(self._attempts.values()):
+            d.cancel()
+        for session in list(self._sessions.values()):
+            session.wire.close(abort=True)

@@ -1,0 +1,493 @@
+"""The peer node: downloads tasks through the swarm and shares what it holds.
+
+One L{PeerNode} runs inside the peer daemon (and inside dfget when no daemon
+is used).  It keeps a control link to a supernode, registers each task it
+downloads, fetches the pieces the supernode assigns from the named sources,
+reports every outcome at once, and serves held pieces to other peers through
+its upload server until the task expires.
+
+A download is done when every piece is held and the md5 of the assembled file
+(computed off the reactor thread) equals the supernode's file md5, and the
+user's md5 if one was given.  Until then no result is handed out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from dfly.errors import (
+    BadControlMessage,
+    DflyError,
+    IntegrityError,
+    NoSupernode,
+    OriginError,
+)
+from dfly.peer.fetch import PieceRequest, SourcePool
+from dfly.peer.link import SupernodeLink
+from dfly.peer.store import PeerStore
+from dfly.pieces import check_piece_size
+from dfly.urls import check_url, filter_url, task_id_for
+from dfly.wire.messages import (
+    encode_ranges,
+    get_int,
+    get_md5,
+    get_opt_int,
+    get_opt_str,
+    get_str,
+    get_task_id,
+)
+
+Progress = Callable[[int, "int | None"], None]
+
+
+@dataclass
+class DownloadRequest:
+    """What a user asked for."""
+
+    url: str
+    headers: list[str] = field(default_factory=list)
+    filters: list[str] = field(default_factory=list)
+    md5: str | None = None
+    identifier: str | None = None
+
+    @property
+    def task_id(self) -> str:
+        return task_id_for(filter_url(self.url, self.filters), self.md5 or self.identifier or "")
+
+
+@dataclass
+class DownloadResult:
+    """A finished, verified download held in the peer's store."""
+
+    task_id: str
+    path: str
+    length: int
+    md5: str
+    from_cdn: int
+    from_peers: int
+    seconds: float
+
+
+def md5_file(path: str, length: int) -> str:
+    """md5 of the first C{length} bytes of C{path} (run in a thread)."""
+    h = hashlib.md5()
+    with open(path, "rb", buffering=0) as f:
+        left = length
+        while left > 0:
+            chunk = f.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
+
+
+class Download:
+    """One task this node is fetching (or has fetched and now shares)."""
+
+    def __init__(self, node: PeerNode, request: DownloadRequest) -> None:
+        self.node = node
+        self.request = request
+        self.task_id = request.task_id
+        self.state = "waiting"  # waiting -> registered -> verifying -> done | failed
+        self.piece_size: int | None = None
+        self.length: int | None = None
+        self.piece_count: int | None = None
+        self.file_md5: str | None = None
+        self.running: dict[int, PieceRequest] = {}
+        self.from_cdn = 0
+        self.from_peers = 0
+        self.started = node.clock()
+        self.finished_at: float | None = None
+        self.waiters: list[Deferred[DownloadResult]] = []
+        self.listeners: list[Progress] = []
+        self.req_id: int | None = None
+        self.link_timer: Any = None
+
+    @property
+    def store(self) -> Any:
+        return self.node.store.get(self.task_id)
+
+    def received(self) -> int:
+        store = self.store
+        return store.size() if store is not None else 0
+
+    def result(self) -> DownloadResult:
+        store = self.store
+        assert store is not None and self.length is not None and self.file_md5 is not None
+        end = self.finished_at or self.node.clock()
+        return DownloadResult(
+            self.task_id, store.data_path, self.length, self.file_md5,
+            self.from_cdn, self.from_peers, end - self.started,
+        )
+
+
+class PeerNode:
+    """A peer's whole download and sharing logic, with its I/O injected."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        home: str,
+        supernodes: list[tuple[str, int]],
+        peer_id: str | None = None,
+        advertise_host: str | None = None,
+        expire: float = 600.0,
+        stall_timeout: float = 30.0,
+        link_timeout: float = 10.0,
+        hasher: Callable[[str, int], Deferred[str]] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.clock: Callable[[], float] = reactor.seconds
+        self.home = home
+        self.peer_id = peer_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:12]}"
+        self.advertise_host = advertise_host
+        self.expire = expire
+        self.link_timeout = link_timeout
+        self.store = PeerStore(home)
+        self.sources = SourcePool(reactor, stall_timeout=stall_timeout)
+        self.link = SupernodeLink(reactor, supernodes, self._link_up, self._link_down, self._control)
+        self.downloads: dict[str, Download] = {}
+        self.upload_port = 0
+        self._req = 0
+        self._by_req: dict[int, Download] = {}
+        self._hasher = hasher or self._hash_in_thread
+        self._expiry: Any = None
+
+    # -- lifecycle -----------------------------------------------------------
+    def start(self, upload_port: int) -> None:
+        self.upload_port = upload_port
+        self.link.start()
+        self._expiry = self.reactor.callLater(min(30.0, self.expire), self._expire_tick)
+
+    def stop(self) -> None:
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        for dl in list(self.downloads.values()):
+            self._fail(dl, DflyError("peer is shutting down"))
+        self.link.stop()
+        self.sources.close()
+        self.store.close()
+
+    # -- the API used by the local API and by dfget ----------------------------
+    def download(self, request: DownloadRequest, progress: Progress | None = None) -> Deferred[DownloadResult]:
+        """Fetch C{request} through the swarm; the Deferred fires once it is verified."""
+        try:
+            check_url(request.url)
+        except DflyError as e:
+            return fail(e)
+        task_id = request.task_id
+        dl = self.downloads.get(task_id)
+        if dl is not None and dl.state == "done" and dl.store is not None:
+            dl.store.last_access = self.clock()
+            if progress is not None:
+                progress(dl.received(), dl.length)
+            return succeed(dl.result())
+        if dl is None or dl.state == "failed":
+            dl = self.downloads[task_id] = Download(self, request)
+            self._register(dl)
+        if progress is not None:
+            dl.listeners.append(progress)
+
+        def cancel(d: Deferred[DownloadResult]) -> None:
+            if d in dl.waiters:
+                dl.waiters.remove(d)
+            if progress in dl.listeners:
+                dl.listeners.remove(progress)
+            if not dl.waiters and dl.state not in ("done", "failed"):
+                self._fail(dl, DflyError("download cancelled"))
+
+        d: Deferred[DownloadResult] = Deferred(cancel)
+        dl.waiters.append(d)
+        return d
+
+    def lease(self, task_id: str) -> None:
+        store = self.store.get(task_id)
+        if store is not None:
+            store.leases += 1
+
+    def release(self, task_id: str) -> None:
+        store = self.store.get(task_id)
+        if store is not None:
+            store.leases = max(0, store.leases - 1)
+            store.last_access = self.clock()
+
+    # -- supernode link ------------------------------------------------------
+    def _link_up(self) -> None:
+        hello: dict[str, Any] = {"op": "hello", "peer": self.peer_id, "port": self.upload_port}
+        if self.advertise_host:
+            hello["host"] = self.advertise_host
+        self.link.send(hello)
+        for dl in self.downloads.values():
+            if dl.state != "failed":
+                self._register(dl)
+
+    def _link_down(self) -> None:
+        # Assignments from the lost supernode are void; pieces in flight may still finish.
+        pass
+
+    def _register(self, dl: Download) -> None:
+        self._req += 1
+        if dl.req_id is not None:
+            self._by_req.pop(dl.req_id, None)
+        dl.req_id = self._req
+        self._by_req[self._req] = dl
+        store = dl.store
+        msg = {
+            "op": "register",
+            "req": dl.req_id,
+            "url": dl.request.url,
+            "filter": dl.request.filters,
+            "headers": dl.request.headers,
+            "md5": dl.request.md5,
+            "identifier": dl.request.identifier,
+            "have": encode_ranges(set(store.have)) if store is not None else "",
+        }
+        if not self.link.send(msg) and dl.link_timer is None and dl.state == "waiting":
+            dl.link_timer = self.reactor.callLater(self.link_timeout, self._no_link, dl)
+
+    def _no_link(self, dl: Download) -> None:
+        dl.link_timer = None
+        if dl.state == "waiting" and not self.link.connected:
+            self._fail(dl, NoSupernode(self.link.last_error or "no supernode reachable"))
+
+    def _control(self, msg: dict[str, Any]) -> None:
+        op = msg["op"]
+        if op == "welcome":
+            return
+        if op in ("registered", "refused"):
+            dl = self._by_req.pop(get_int(msg, "req"), None)
+            if dl is None:
+                return
+            if dl.link_timer is not None and dl.link_timer.active():
+                dl.link_timer.cancel()
+            dl.link_timer = None
+            if op == "refused":
+                self._fail(dl, DflyError(get_opt_str(msg, "reason", 2048) or "refused"))
+                return
+            if dl.state == "waiting":
+                dl.state = "registered"
+            self._task_info(dl, msg)
+            return
+        task_id = get_task_id(msg)
+        dl = self.downloads.get(task_id)
+        if op == "task_info":
+            if dl is not None:
+                self._task_info(dl, msg)
+        elif op == "task_failed":
+            if dl is not None and dl.state != "done":
+                self._fail(dl, task_error(msg), leave=False)
+        elif op == "assign":
+            self._assign(dl, msg)
+        else:
+            raise BadControlMessage(f"unknown op {op!r} from the supernode")
+
+    def _task_info(self, dl: Download, msg: dict[str, Any]) -> None:
+        state = get_opt_str(msg, "state", 32)
+        if state == "failed":
+            self._fail(dl, task_error(msg), leave=False)
+            return
+        piece_size = get_opt_int(msg, "piece_size", 1, 1 << 30)
+        if piece_size is not None and dl.piece_size is None:
+            try:
+                dl.piece_size = check_piece_size(piece_size)
+            except ValueError as e:
+                raise BadControlMessage(str(e)) from None
+            self.store.open(dl.task_id, dl.piece_size, self.clock())
+        length = get_opt_int(msg, "length")
+        if length is not None:
+            dl.length = length
+        count = get_opt_int(msg, "piece_count", 1, 1 << 24)
+        if count is not None:
+            dl.piece_count = count
+        if msg.get("md5"):
+            dl.file_md5 = get_md5(msg, "md5")
+        self._check_complete(dl)
+
+    def _assign(self, dl: Download | None, msg: dict[str, Any]) -> None:
+        task_id = get_task_id(msg)
+        piece = get_int(msg, "piece", 0, 1 << 24)
+        raw_source = msg.get("source")
+        if raw_source == "cdn":
+            source_id = "cdn"
+            if self.link.address is None:
+                return
+            host, port = self.link.address
+        elif isinstance(raw_source, dict):
+            source_id = get_str(raw_source, "id", 200)
+            host = get_str(raw_source, "host", 255)
+            port = get_int(raw_source, "port", 1, 65535)
+        else:
+            raise BadControlMessage("assign: bad source")
+        if dl is None or dl.state not in ("registered",) or dl.piece_size is None:
+            self.link.send({"op": "fail", "task": task_id, "piece": piece, "source": source_id, "reason": "not downloading"})
+            return
+        if get_int(msg, "piece_size") != dl.piece_size:
+            raise BadControlMessage("assign: piece size changed")
+        data_len = get_int(msg, "len", 0, dl.piece_size - 5)
+        md5 = get_md5(msg, "md5")
+        store = self.store.get(task_id)
+        assert store is not None
+        if piece in store.have:
+            self.link.send({"op": "done", "task": task_id, "piece": piece, "source": source_id})
+            return
+        old = dl.running.get(piece)
+        if old is not None:
+            old.stale = True
+
+        def result(req: PieceRequest, error: str | None) -> None:
+            self._piece_result(dl, req, source_id, error)
+
+        req = PieceRequest(store, piece, data_len, md5, result)
+        dl.running[piece] = req
+        self.sources.fetch(host, port, req)
+
+    def _piece_result(self, dl: Download, req: PieceRequest, source_id: str, error: str | None) -> None:
+        if dl.running.get(req.piece) is req:
+            del dl.running[req.piece]
+        if dl.state != "registered":
+            return
+        report = {"task": dl.task_id, "piece": req.piece, "source": source_id}
+        if error is not None:
+            self._log.warn(
+                "piece {piece} of {task_id} from {source} failed: {error}",
+                piece=req.piece, task_id=dl.task_id, source=source_id, error=error,
+            )
+            self.link.send({"op": "fail", "reason": error[:1000], **report})
+            return
+        req.task.mark(req.piece, req.data_len)
+        if source_id == "cdn":
+            dl.from_cdn += req.data_len
+        else:
+            dl.from_peers += req.data_len
+        self.link.send({"op": "done", **report})
+        received = dl.received()
+        for listener in list(dl.listeners):
+            listener(received, dl.length)
+        self._check_complete(dl)
+
+    # -- completion ------------------------------------------------------------
+    def _check_complete(self, dl: Download) -> None:
+        store = dl.store
+        if (
+            dl.state != "registered"
+            or store is None
+            or dl.piece_count is None
+            or dl.file_md5 is None
+            or dl.length is None
+            or len(store.have) < dl.piece_count
+        ):
+            return
+        dl.state = "verifying"
+        if store.size() != dl.length:
+            self._fail(dl, IntegrityError(f"assembled {store.size()} bytes, expected {dl.length}"))
+            return
+        d = self._hasher(store.data_path, dl.length)
+        d.addCallbacks(self._verified, self._verify_error, callbackArgs=(dl,), errbackArgs=(dl,))
+
+    def _verified(self, md5: str, dl: Download) -> None:
+        if dl.state != "verifying":
+            return
+        wanted = [m for m in (dl.file_md5, dl.request.md5) if m]
+        if any(md5 != m for m in wanted):
+            self._fail(dl, IntegrityError(f"file md5 {md5} does not match {' / '.join(wanted)}"))
+            return
+        dl.state = "done"
+        dl.finished_at = self.clock()
+        store = dl.store
+        store.complete = True
+        store.last_access = self.clock()
+        self._log.info(
+            "task {task_id} done: {length} bytes in {seconds:.2f} s, {cdn} from the supernode, {peers} from peers",
+            task_id=dl.task_id, length=dl.length, seconds=dl.finished_at - dl.started,
+            cdn=dl.from_cdn, peers=dl.from_peers,
+        )
+        waiters, dl.waiters = dl.waiters, []
+        dl.listeners.clear()
+        result = dl.result()
+        for d in waiters:
+            d.callback(result)
+
+    def _verify_error(self, f: Failure, dl: Download) -> None:
+        self._fail(dl, IntegrityError(f"cannot verify the assembled file: {f.getErrorMessage()}"))
+
+    def _hash_in_thread(self, path: str, length: int) -> Deferred[str]:
+        from twisted.internet.threads import deferToThreadPool
+
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), md5_file, path, length)
+
+    def _fail(self, dl: Download, error: Exception, leave: bool = True) -> None:
+        if dl.state == "failed":
+            return
+        dl.state = "failed"
+        if dl.link_timer is not None and dl.link_timer.active():
+            dl.link_timer.cancel()
+        dl.link_timer = None
+        for req in dl.running.values():
+            req.stale = True
+        dl.running.clear()
+        if leave:
+            self.link.send({"op": "leave", "task": dl.task_id})
+        if self.downloads.get(dl.task_id) is dl:
+            del self.downloads[dl.task_id]
+        self.store.remove(dl.task_id)
+        waiters, dl.waiters = dl.waiters, []
+        dl.listeners.clear()
+        for d in waiters:
+            d.errback(Failure(error))
+
+    # -- sharing ---------------------------------------------------------------
+    def lookup(self, task_id: str, piece: int, who: str) -> Any:
+        result = self.store.lookup(task_id, piece, who)
+        stored = self.store.get(task_id)
+        if stored is not None:
+            stored.last_access = self.clock()
+        return result
+
+    def _expire_tick(self) -> None:
+        now = self.clock()
+        try:
+            for task_id, dl in list(self.downloads.items()):
+                store = dl.store
+                if dl.state == "done" and store is not None and not store.leases and now - store.last_access >= self.expire:
+                    self._log.info("task {task_id} expired; no longer shared", task_id=task_id)
+                    self.link.send({"op": "leave", "task": task_id})
+                    del self.downloads[task_id]
+                    self.store.remove(task_id)
+        except Exception:
+            self._log.failure("expiry pass failed")
+        self._expiry = self.reactor.callLater(min(30.0, self.expire), self._expire_tick)
+
+
+def task_error(msg: dict[str, Any]) -> DflyError:
+    """The error a C{task_failed} (or a failed C{task_info}) stands for."""
+    reason = get_opt_str(msg, "reason", 2048) or "the supernode could not fetch the file"
+    if get_opt_str(msg, "kind", 64) == "IntegrityError":
+        return IntegrityError(reason)
+    return OriginError(reason, get_opt_int(msg, "status", 0, 999))
+
+
+def stats_line(result: DownloadResult) -> dict[str, Any]:
+    """A JSON-able summary of a result."""
+    return {
+        "task": result.task_id,
+        "length": result.length,
+        "md5": result.md5,
+        "seconds": round(result.seconds, 3),
+        "from_supernode": result.from_cdn,
+        "from_peers": result.from_peers,
+    }
+
+
+

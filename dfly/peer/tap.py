@@ -1,0 +1,126 @@
+"""C{twistd dfly-peer}: options and service construction."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.service import IService, Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+
+from dfly.config import DEFAULT_PEER_PORT, data_home, parse_hostport, positive, write_ready_file
+from dfly.peer.localapi import LocalApiSession
+from dfly.peer.node import PeerNode
+from dfly.wire.protocol import FramedFactory, FramedProtocol
+from dfly.wire.serve import SliceServerSession
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run a dfly peer daemon: it downloads files through the swarm for dfget and "
+        "shares the pieces it holds with other peers."
+    )
+    optParameters = [
+        ["port", "p", f"tcp:{DEFAULT_PEER_PORT}", "Endpoint of the upload server other peers fetch from."],
+        ["home", "d", data_home("peer"), "Directory for pieces and the local API socket."],
+        ["advertise-host", None, None, "Address other peers should use (default: as the supernode sees us)."],
+        ["expire", None, "600", "Seconds a finished file stays shared after its last use."],
+        ["stall-timeout", None, "30", "Seconds without bytes before a source is given up."],
+        ["ready-file", None, None, "Write {\"port\": N, \"socket\": PATH} as JSON here once listening."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["supernode"] = []
+
+    def opt_supernode(self, value: str) -> None:
+        """Supernode HOST:PORT (repeatable; tried in order). Default 127.0.0.1:8002."""
+        self["supernode"].append(parse_hostport(value))
+
+    def postOptions(self) -> None:
+        if not self["supernode"]:
+            self["supernode"] = [("127.0.0.1", 8002)]
+        self["expire"] = positive(float, "expire", self["expire"])
+        self["stall-timeout"] = positive(float, "stall-timeout", self["stall-timeout"])
+        self["home"] = os.path.abspath(self["home"])
+
+
+def socket_path(home: str) -> str:
+    """Where the local API listens, for a daemon whose home is C{home}."""
+    return os.path.join(home, "dfly.sock")
+
+
+class PeerService(Service):
+    """Starts the upload server, the local API and the node, in that order."""
+
+    _log = Logger()
+
+    def __init__(self, reactor: Any, config: Options) -> None:
+        self._reactor = reactor
+        self._config = config
+        self.node: PeerNode | None = None
+        self._ports: list[Any] = []
+        self.ready: Deferred[None] = Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        reactor, config = self._reactor, self._config
+        os.makedirs(config["home"], exist_ok=True)
+        node = self.node = PeerNode(
+            reactor,
+            config["home"],
+            config["supernode"],
+            advertise_host=config["advertise-host"],
+            expire=config["expire"],
+            stall_timeout=config["stall-timeout"],
+        )
+        sock = socket_path(config["home"])
+        if os.path.exists(sock):
+            os.unlink(sock)
+
+        def upload_session(wire: FramedProtocol) -> SliceServerSession:
+            return SliceServerSession(wire, node.lookup)
+
+        def api_session(wire: FramedProtocol) -> LocalApiSession:
+            return LocalApiSession(wire, node)
+
+        upload = serverFromString(reactor, config["port"]).listen(FramedFactory(upload_session))
+        api = serverFromString(reactor, f"unix:{sock}:mode=600").listen(FramedFactory(api_session))
+
+        def listening(results: list[Any]) -> None:
+            self._ports = [r[1] for r in results if r[0]]
+            failures = [r[1] for r in results if not r[0]]
+            if failures:
+                for f in failures:
+                    self._log.failure("cannot listen", failure=f)
+                reactor.stop()
+                return
+            port = self._ports[0].getHost().port
+            self._log.info(
+                "peer {peer_id} uploading on port {port}, local API at {sock}",
+                peer_id=node.peer_id, port=port, sock=sock,
+            )
+            node.start(port)
+            write_ready_file(config["ready-file"], {"port": port, "socket": sock, "pid": os.getpid(), "peer": node.peer_id})
+            self.ready.callback(None)
+
+        DeferredList([upload, api], consumeErrors=True).addCallback(listening)
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        if self.node is not None:
+            self.node.stop()
+        ds = [maybeDeferred(p.stopListening) for p in self._ports]
+        return DeferredList(ds)
+
+
+def makeService(config: Options, reactor: Any = None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    return PeerService(reactor, config)

@@ -1,0 +1,1 @@
+"""The supernode: task registry, CDN, scheduler and the peers' control service."""

@@ -1,0 +1,347 @@
+"""The supernode's core: tasks, the CDN, the scheduler and the peers' sessions.
+
+Peers keep one control connection (C{hello}, then C{register}/C{done}/
+C{fail}/C{leave}); the supernode pushes C{assign}, C{task_info} and
+C{task_failed} to them the moment scheduling or the CDN produces something.
+Any connection may also C{get} slices the CDN holds.  A lost control
+connection drops the peer from scheduling at once and re-offers its work.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from dfly.errors import BadControlMessage, DflyError, PieceUnavailable
+from dfly.pieces import OVERHEAD
+from dfly.supernode.cdn import Cdn, CdnTask
+from dfly.supernode.scheduler import CDN, Assignment, Scheduler
+from dfly.urls import check_url, filter_url, origin_headers, task_id_for
+from dfly.wire.messages import (
+    decode_ranges,
+    get_int,
+    get_md5,
+    get_opt_str,
+    get_str,
+    get_str_list,
+    get_task_id,
+)
+from dfly.wire.protocol import FramedProtocol, SliceSource
+from dfly.wire.serve import SliceServerSession
+
+PROTOCOL_VERSION = 1
+
+
+@dataclass
+class MemberStats:
+    """Bytes one peer received for one task, by kind of source."""
+
+    from_cdn: int = 0
+    from_peers: int = 0
+    joined: float = 0.0
+    finished: float | None = None
+
+
+class Supernode:
+    """Everything the supernode knows; sessions call into it."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        http: Any,
+        home: str,
+        scheduler: Scheduler | None = None,
+        piece_size: int | None = None,
+        origin_idle_timeout: float = 60.0,
+    ) -> None:
+        self._reactor = reactor
+        self.scheduler = scheduler or Scheduler()
+        self.cdn = Cdn(
+            reactor,
+            http,
+            home,
+            on_headers=self._cdn_headers,
+            on_piece=self._cdn_piece,
+            on_done=self._cdn_done,
+            on_fail=self._cdn_failed,
+            piece_size=piece_size,
+            idle_timeout=origin_idle_timeout,
+        )
+        self.tasks: dict[str, CdnTask] = {}
+        self.sessions: dict[str, SupernodeSession] = {}
+        self.stats: dict[tuple[str, str], MemberStats] = {}
+
+    def make_session(self, wire: FramedProtocol) -> SupernodeSession:
+        return SupernodeSession(wire, self)
+
+    # -- peer requests -----------------------------------------------------
+    def hello(self, session: SupernodeSession, peer_id: str) -> None:
+        old = self.sessions.get(peer_id)
+        if old is not None and old is not session:
+            self._log.info("peer {peer_id} reconnected; closing its old connection", peer_id=peer_id)
+            self._peer_gone(peer_id)
+            old.wire.close()
+        self.sessions[peer_id] = session
+
+    def register(self, session: SupernodeSession, msg: dict[str, Any]) -> None:
+        assert session.peer_id is not None
+        req = get_int(msg, "req")
+        url = get_str(msg, "url")
+        try:
+            check_url(url)
+            headers = origin_headers(get_str_list(msg, "headers", 64))
+        except DflyError as e:
+            session.wire.send_control({"op": "refused", "req": req, "reason": str(e)})
+            return
+        task_url = filter_url(url, get_str_list(msg, "filter", 64))
+        md5 = get_md5(msg, "md5") if msg.get("md5") else None
+        sign = md5 or get_opt_str(msg, "identifier", 512) or ""
+        task_id = task_id_for(task_url, sign)
+        task = self.tasks.get(task_id)
+        if task is None:
+            task = CdnTask(task_id, url, task_url, headers, expected_md5=md5, created=time.time())
+            self.tasks[task_id] = task
+            self.scheduler.add_task(task_id)
+            self.cdn.start(task)
+        limit = task.piece_count if task.piece_count is not None else 1 << 24
+        have = decode_ranges(get_opt_str(msg, "have", 60000) or "", limit)
+        self.stats.setdefault((task_id, session.peer_id), MemberStats(joined=time.time()))
+        session.tasks.add(task_id)
+        session.wire.send_control({"op": "registered", "req": req, **self._task_info(task)})
+        if task.state == "failed":
+            return
+        self._dispatch(self.scheduler.join(task_id, session.peer_id, have))
+
+    def piece_done(self, session: SupernodeSession, msg: dict[str, Any]) -> None:
+        task_id, piece, source = self._piece_report(session, msg)
+        task = self.tasks.get(task_id)
+        if task is None or session.peer_id is None:
+            return
+        stats = self.stats.setdefault((task_id, session.peer_id), MemberStats(joined=time.time()))
+        size = task.piece_len.get(piece, 0)
+        if source == CDN:
+            stats.from_cdn += size
+        else:
+            stats.from_peers += size
+        self._dispatch(self.scheduler.piece_done(task_id, session.peer_id, piece, source))
+        member = self.scheduler.tasks[task_id].members.get(session.peer_id)
+        if (
+            member is not None
+            and task.piece_count is not None
+            and len(member.has) >= task.piece_count
+            and stats.finished is None
+        ):
+            stats.finished = time.time()
+
+    def piece_failed(self, session: SupernodeSession, msg: dict[str, Any]) -> None:
+        task_id, piece, source = self._piece_report(session, msg)
+        assert session.peer_id is not None
+        reason = get_opt_str(msg, "reason", 1024) or "?"
+        self._log.warn(
+            "peer {peer_id} failed piece {piece} of {task_id} from {source}: {reason}",
+            peer_id=session.peer_id,
+            piece=piece,
+            task_id=task_id,
+            source=source,
+            reason=reason,
+        )
+        self._dispatch(self.scheduler.piece_failed(task_id, session.peer_id, piece, source))
+
+    def leave(self, session: SupernodeSession, msg: dict[str, Any]) -> None:
+        task_id = get_task_id(msg)
+        assert session.peer_id is not None
+        session.tasks.discard(task_id)
+        self._dispatch(self.scheduler.leave(task_id, session.peer_id))
+
+    def session_lost(self, session: SupernodeSession) -> None:
+        if session.peer_id is not None and self.sessions.get(session.peer_id) is session:
+            del self.sessions[session.peer_id]
+            self._peer_gone(session.peer_id)
+
+    def _peer_gone(self, peer_id: str) -> None:
+        self._log.info("peer {peer_id} gone; re-offering its work", peer_id=peer_id)
+        self._dispatch(self.scheduler.peer_gone(peer_id))
+
+    @staticmethod
+    def _piece_report(session: SupernodeSession, msg: dict[str, Any]) -> tuple[str, int, str]:
+        if session.peer_id is None:
+            raise BadControlMessage(f"{msg['op']} before hello")
+        return get_task_id(msg), get_int(msg, "piece", 0, 1 << 24), get_str(msg, "source", 256)
+
+    # -- the CDN as a source of slices ---------------------------------------
+    def lookup(self, task_id: str, piece: int, who: str) -> tuple[SliceSource, int, int]:
+        task = self.tasks.get(task_id)
+        if task is None or task.fd is None or task.piece_size is None:
+            raise PieceUnavailable("unknown task")
+        data_len = task.piece_len.get(piece)
+        if data_len is None:
+            raise PieceUnavailable(f"piece {piece} is not cached yet")
+
+        def done(ok: bool, sent: int) -> None:
+            task.served_bytes += sent
+
+        source = SliceSource(task.fd, piece * task.piece_size, data_len + OVERHEAD, on_done=done)
+        return source, task.piece_size, data_len
+
+    # -- CDN events ----------------------------------------------------------
+    def _cdn_headers(self, task: CdnTask) -> None:
+        self._broadcast(task, {"op": "task_info", **self._task_info(task)})
+
+    def _cdn_piece(self, task: CdnTask, piece: int) -> None:
+        self._dispatch(self.scheduler.cdn_piece_ready(task.task_id, piece))
+
+    def _cdn_done(self, task: CdnTask) -> None:
+        assert task.piece_count is not None
+        self._broadcast(task, {"op": "task_info", **self._task_info(task)})
+        self._dispatch(self.scheduler.cdn_finished(task.task_id, task.piece_count))
+
+    def _cdn_failed(self, task: CdnTask) -> None:
+        self.scheduler.cdn_failed(task.task_id)
+        msg = {"op": "task_failed", **self._task_info(task)}
+        self._broadcast(task, msg)
+        # Forget the task so that the next registration tries the origin afresh.
+        if self.tasks.get(task.task_id) is task:
+            del self.tasks[task.task_id]
+        self.scheduler.remove_task(task.task_id)
+
+    # -- sending -------------------------------------------------------------
+    def _task_info(self, task: CdnTask) -> dict[str, Any]:
+        return {
+            "task": task.task_id,
+            "state": task.state,
+            "length": task.length,
+            "piece_size": task.piece_size,
+            "piece_count": task.piece_count,
+            "md5": task.file_md5,
+            "reason": task.error,
+            "kind": task.error_kind,
+            "status": task.status,
+        }
+
+    def _broadcast(self, task: CdnTask, msg: dict[str, Any]) -> None:
+        sched = self.scheduler.tasks.get(task.task_id)
+        if sched is None:
+            return
+        for peer_id in list(sched.members):
+            session = self.sessions.get(peer_id)
+            if session is not None:
+                session.wire.send_control(msg)
+
+    def _dispatch(self, assignments: list[Assignment]) -> None:
+        for a in assignments:
+            session = self.sessions.get(a.peer)
+            task = self.tasks.get(a.task)
+            if session is None or task is None or task.piece_size is None:
+                continue
+            if a.source == CDN:
+                source: Any = CDN
+            else:
+                src = self.sessions.get(a.source)
+                if src is None:
+                    continue
+                source = {"id": a.source, "host": src.host, "port": src.port}
+            session.wire.send_control(
+                {
+                    "op": "assign",
+                    "task": a.task,
+                    "piece": a.piece,
+                    "source": source,
+                    "md5": task.piece_md5[a.piece],
+                    "len": task.piece_len[a.piece],
+                    "piece_size": task.piece_size,
+                }
+            )
+
+    # -- reporting -------------------------------------------------------------
+    def describe(self) -> list[dict[str, Any]]:
+        """The state of every task, for the HTTP API."""
+        out = []
+        for task in self.tasks.values():
+            sched = self.scheduler.tasks.get(task.task_id)
+            peers = []
+            if sched is not None:
+                for peer_id, member in sched.members.items():
+                    session = self.sessions.get(peer_id)
+                    stats = self.stats.get((task.task_id, peer_id), MemberStats())
+                    peer_state = self.scheduler.peers.get(peer_id)
+                    peers.append(
+                        {
+                            "id": peer_id,
+                            "host": session.host if session else None,
+                            "port": session.port if session else None,
+                            "pieces": len(member.has),
+                            "running": len(member.running),
+                            "done": task.piece_count is not None and len(member.has) >= task.piece_count,
+                            "from_cdn_bytes": stats.from_cdn,
+                            "from_peers_bytes": stats.from_peers,
+                            "seconds": (stats.finished - stats.joined) if stats.finished else None,
+                            "blacklisted": bool(peer_state and peer_state.blacklisted),
+                        }
+                    )
+            out.append(
+                {
+                    "id": task.task_id,
+                    "url": task.task_url,
+                    "length": task.length,
+                    "piece_size": task.piece_size,
+                    "piece_count": task.piece_count,
+                    "pieces_cached": len(task.piece_md5),
+                    "state": task.state,
+                    "md5": task.file_md5,
+                    "error": task.error,
+                    "source_bytes": task.source_bytes,
+                    "served_bytes": task.served_bytes,
+                    "peers": peers,
+                }
+            )
+        return out
+
+
+class SupernodeSession(SliceServerSession):
+    """One connection to the supernode: a peer's control channel, or a slice fetch."""
+
+    def __init__(self, wire: FramedProtocol, node: Supernode) -> None:
+        super().__init__(wire, node.lookup)
+        self.node = node
+        self.peer_id: str | None = None
+        self.host = ""
+        self.port = 0
+        self.tasks: set[str] = set()
+
+    def other_control(self, msg: dict[str, Any]) -> None:
+        op = msg["op"]
+        if op == "hello":
+            if self.peer_id is not None:
+                raise BadControlMessage("second hello")
+            peer_id = get_str(msg, "peer", 200)
+            if not peer_id or peer_id == CDN:
+                raise BadControlMessage("hello needs a peer id")
+            self.port = get_int(msg, "port", 0, 65535)
+            self.host = get_opt_str(msg, "host", 255) or self.wire.peer_host
+            self.peer_id = peer_id
+            self.node.hello(self, peer_id)
+            self.wire.send_control({"op": "welcome", "version": PROTOCOL_VERSION})
+        elif self.peer_id is None:
+            raise BadControlMessage(f"{op} before hello")
+        elif op == "register":
+            self.node.register(self, msg)
+        elif op == "done":
+            self.node.piece_done(self, msg)
+        elif op == "fail":
+            self.node.piece_failed(self, msg)
+        elif op == "leave":
+            self.node.leave(self, msg)
+        else:
+            raise BadControlMessage(f"unknown op {op!r}")
+
+    def connection_lost(self, reason: Failure) -> None:
+        self.node.session_lost(self)
+
+

@@ -1,0 +1,131 @@
+"""C{twistd dfly-supernode}: options and service construction."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.service import IService, Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.server import Site
+
+from dfly.config import (
+    DEFAULT_API_PORT,
+    DEFAULT_SUPERNODE_PORT,
+    data_home,
+    positive,
+    write_ready_file,
+)
+from dfly.pieces import MIB, check_piece_size
+from dfly.supernode.api import make_api
+from dfly.supernode.scheduler import Scheduler
+from dfly.supernode.service import Supernode
+from dfly.wire.protocol import FramedFactory
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run a dfly supernode: it fetches each file from its origin once, slices it, "
+        "and schedules peers to fetch the pieces from each other."
+    )
+    optParameters = [
+        ["port", "p", f"tcp:{DEFAULT_SUPERNODE_PORT}", "Endpoint for peers (control and slices)."],
+        ["api", "a", f"tcp:{DEFAULT_API_PORT}:interface=127.0.0.1", "Endpoint for the HTTP API."],
+        ["home", "d", data_home("supernode"), "Directory for the slice cache and metadata."],
+        ["piece-size", None, "auto", "Piece size in MiB (1-15), or auto (by file size)."],
+        ["cdn-limit", None, "4", "Peers per task the supernode serves at once (when no peer can)."],
+        ["up-limit", None, "5", "Concurrent uploads per peer."],
+        ["down-limit", None, "4", "Concurrent piece downloads per peer and task."],
+        ["blacklist-limit", None, "3", "Failures in a row before a source peer is blacklisted."],
+        ["isolation-limit", None, "5", "Failures in a row before a downloader gets pieces from the supernode only."],
+        ["origin-timeout", None, "60", "Seconds of origin silence before a fetch fails."],
+        ["ready-file", None, None, "Write {\"port\": N, \"api\": M} as JSON here once listening."],
+    ]
+
+    def postOptions(self) -> None:
+        if self["piece-size"] == "auto":
+            self["piece-size"] = None
+        else:
+            try:
+                self["piece-size"] = check_piece_size(int(self["piece-size"]) * MIB)
+            except ValueError as e:
+                raise usage.UsageError(f"--piece-size: {e}") from None
+        for name in ("cdn-limit", "up-limit", "down-limit", "blacklist-limit", "isolation-limit"):
+            self[name] = int(positive(int, name, self[name]))
+        self["origin-timeout"] = positive(float, "origin-timeout", self["origin-timeout"])
+        self["home"] = os.path.abspath(self["home"])
+
+
+def make_http_client(reactor: Any) -> Any:
+    """A treq client with a persistent connection pool."""
+    from treq.client import HTTPClient
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    return HTTPClient(Agent(reactor, pool=pool))
+
+
+class SupernodeService(Service):
+    """Listens for peers and for the API, then reports the ports it got."""
+
+    _log = Logger()
+
+    def __init__(self, reactor: Any, config: Options, node: Supernode) -> None:
+        self._reactor = reactor
+        self._config = config
+        self.node = node
+        self._ports: list[Any] = []
+        self.ready: Deferred[dict[str, int]] = Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        reactor, config = self._reactor, self._config
+        peers = serverFromString(reactor, config["port"]).listen(FramedFactory(self.node.make_session))
+        api = serverFromString(reactor, config["api"]).listen(Site(make_api(self.node)))
+
+        def listening(results: list[Any]) -> None:
+            failures = [r[1] for r in results if not r[0]]
+            self._ports = [r[1] for r in results if r[0]]
+            if failures:
+                for f in failures:
+                    self._log.failure("cannot listen", failure=f)
+                reactor.stop()
+                return
+            info = {"port": self._ports[0].getHost().port, "api": self._ports[1].getHost().port}
+            self._log.info("supernode listening: peers on port {port}, API on port {api}", **info)
+            write_ready_file(config["ready-file"], {**info, "pid": os.getpid()})
+            self.ready.callback(info)
+
+        DeferredList([peers, api], consumeErrors=True).addCallback(listening)
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        return DeferredList([maybeDeferred(p.stopListening) for p in self._ports])
+
+
+def makeService(config: Options, reactor: Any = None, http: Any = None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    os.makedirs(config["home"], exist_ok=True)
+    scheduler = Scheduler(
+        down_limit=config["down-limit"],
+        up_limit=config["up-limit"],
+        cdn_limit=config["cdn-limit"],
+        blacklist_limit=config["blacklist-limit"],
+        isolation_limit=config["isolation-limit"],
+    )
+    node = Supernode(
+        reactor,
+        http or make_http_client(reactor),
+        config["home"],
+        scheduler,
+        piece_size=config["piece-size"],
+        origin_idle_timeout=config["origin-timeout"],
+    )
+    return SupernodeService(reactor, config, node)

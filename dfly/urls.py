@@ -1,0 +1,77 @@
+"""Task identity: filtered URLs, headers given as text, and task ids."""
+
+from __future__ import annotations
+
+import hashlib
+from urllib.parse import urlsplit, urlunsplit
+
+from dfly.errors import DflyError
+
+# Headers that describe one hop or one request shape, never the file itself.
+HOP_HEADERS = frozenset(
+    {
+        "host",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "range",
+        "if-range",
+        "content-length",
+        "accept-encoding",
+    }
+)
+
+
+def check_url(url: str) -> str:
+    """Return C{url} if it is an absolute http(s) URL, else raise L{DflyError}."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise DflyError(f"not an http(s) URL: {url!r}")
+    return url
+
+
+def filter_url(url: str, keys: list[str] | tuple[str, ...]) -> str:
+    """C{url} without the query parameters whose names are in C{keys}."""
+    if not keys:
+        return url
+    parts = urlsplit(url)
+    if not parts.query:
+        return url
+    drop = set(keys)
+    kept = [p for p in parts.query.split("&") if p and p.split("=", 1)[0] not in drop]
+    return urlunsplit(parts._replace(query="&".join(kept)))
+
+
+def task_id_for(task_url: str, sign: str = "") -> str:
+    """The task id: one task for every client asking for the same filtered URL and sign.
+
+    C{sign} is the expected md5 when one is given, else the identifier, else empty.
+    """
+    return hashlib.sha256(b"dfly-task\0" + task_url.encode() + b"\0" + sign.encode()).hexdigest()
+
+
+def parse_header_lines(lines: list[str]) -> list[tuple[str, str]]:
+    """Parse C{"Name: value"} strings; raises L{DflyError} on a line without a name."""
+    out = []
+    for line in lines:
+        name, sep, value = line.partition(":")
+        name = name.strip()
+        if not sep or not name or any(c in name for c in " \t\r\n") or "\n" in value or "\r" in value:
+            raise DflyError(f"bad header {line!r}: use 'Name: value'")
+        out.append((name, value.strip()))
+    return out
+
+
+def origin_headers(lines: list[str]) -> dict[bytes, list[bytes]]:
+    """Headers to send to the origin from a client's header lines (hop headers dropped)."""
+    headers: dict[bytes, list[bytes]] = {}
+    for name, value in parse_header_lines(lines):
+        if name.lower() in HOP_HEADERS:
+            continue
+        headers.setdefault(name.encode("latin-1"), []).append(value.encode("latin-1"))
+    return headers

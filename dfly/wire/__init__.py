@@ -1,0 +1,1 @@
+"""The dfly wire protocol: control frames and slices on one TCP stream."""

@@ -1,0 +1,256 @@
+"""The protocol adapter and the outbound slice producer.
+
+Design: L{FramedProtocol} is a thin adapter.  Inbound bytes go to a
+L{FrameParser} whose handler is a I{session} object holding all the logic
+(supernode control, slice server, downloader, local API); a protocol error
+closes the connection with a logged reason and the daemon carries on.
+
+Outbound, a connection sends one unit at a time, in order: control frames are
+written at once unless a slice is being streamed, in which case they wait
+behind it.  A slice is streamed from a file by L{FileRangeProducer}, an
+C{IPullProducer} registered on the transport, so at most one read chunk per
+connection sits in memory and a slow receiver slows the reads (backpressure).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.interfaces import IConsumer, IPullProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from dfly.errors import ProtocolError
+from dfly.wire.framing import MAX_CONTROL, FrameParser, encode_control
+
+CHUNK = 256 * 1024
+_CONNECTION_DONE = Failure(ConnectionError("connection closed"))
+
+
+class Session(TypingProtocol):
+    """What a L{FramedProtocol} drives; one per connection."""
+
+    def connection_made(self) -> None: ...
+
+    def control_received(self, msg: dict[str, Any]) -> None: ...
+
+    def slice_data(self, data: memoryview) -> None: ...
+
+    def slice_finished(self) -> None: ...
+
+    def protocol_error(self, error: ProtocolError) -> None: ...
+
+    def connection_lost(self, reason: Failure) -> None: ...
+
+
+class SliceSource:
+    """Bytes of one slice on disk: C{prefix}, then C{length} bytes of C{fd} from C{offset}, then C{suffix}."""
+
+    def __init__(
+        self,
+        fd: int,
+        offset: int,
+        length: int,
+        prefix: bytes = b"",
+        suffix: bytes = b"",
+        on_done: Callable[[bool, int], None] | None = None,
+    ) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.length = length
+        self.prefix = prefix
+        self.suffix = suffix
+        self.on_done = on_done
+
+    @property
+    def total(self) -> int:
+        return len(self.prefix) + self.length + len(self.suffix)
+
+
+@implementer(IPullProducer)
+class FileRangeProducer:
+    """Writes one L{SliceSource} to a consumer, a chunk per C{resumeProducing}."""
+
+    def __init__(
+        self, consumer: IConsumer, source: SliceSource, finished: Callable[[bool], None]
+    ) -> None:
+        self._consumer = consumer
+        self._source = source
+        self._pos = 0
+        self._sent = 0
+        self._finished = finished
+        self._done = False
+
+    def start(self) -> None:
+        if self._source.prefix:
+            self._consumer.write(self._source.prefix)
+            self._sent += len(self._source.prefix)
+        self._consumer.registerProducer(self, False)
+
+    def resumeProducing(self) -> None:
+        """IPullProducer API: send the next chunk, or finish."""
+        if self._done:
+            return
+        src = self._source
+        left = src.length - self._pos
+        if left > 0:
+            try:
+                chunk = os.pread(src.fd, min(CHUNK, left), src.offset + self._pos)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                # The file shrank under us: the receiver's length and md5 checks catch it;
+                # stop here and let the caller close the connection.
+                self._finish(False)
+                return
+            self._pos += len(chunk)
+            self._sent += len(chunk)
+            self._consumer.write(chunk)
+            if self._pos < src.length:
+                return
+        if src.suffix:
+            self._consumer.write(src.suffix)
+            self._sent += len(src.suffix)
+        self._finish(True)
+
+    def stopProducing(self) -> None:
+        """IProducer API: the connection went away."""
+        self._finish(False)
+
+    def _finish(self, ok: bool) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._consumer.unregisterProducer()
+        if self._source.on_done is not None:
+            self._source.on_done(ok, self._sent)
+        self._finished(ok)
+
+
+class FramedProtocol(Protocol):
+    """Adapter between a transport and a L{Session}."""
+
+    _log = Logger()
+
+    def __init__(self, make_session: Callable[[FramedProtocol], Session], max_control: int = MAX_CONTROL) -> None:
+        self._make_session = make_session
+        self._max_control = max_control
+        self._queue: deque[tuple[bytes, SliceSource | None]] = deque()
+        self._busy = False
+        self._closed = False
+        self.session: Session | None = None
+        self.parser: FrameParser | None = None
+
+    # -- twisted Protocol API
+    def connectionMade(self) -> None:
+        session = self._make_session(self)
+        self.session = session
+        self.parser = FrameParser(session, self._max_control)
+        session.connection_made()
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self.parser is not None and self.session is not None
+        try:
+            self.parser.feed(data)
+        except ProtocolError as e:
+            self._log.warn("closing connection from {peer}: {reason}", peer=self.peer_label, reason=str(e))
+            self.session.protocol_error(e)
+            self.close(abort=True)
+
+    def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
+        self._closed = True
+        for _, src in self._queue:
+            if src is not None and src.on_done is not None:
+                src.on_done(False, 0)
+        self._queue.clear()
+        if self.session is not None:
+            self.session.connection_lost(reason)
+
+    # -- for sessions
+    @property
+    def peer_label(self) -> str:
+        try:
+            addr: Any = self.transport.getPeer()  # type: ignore[union-attr]
+            return f"{addr.host}:{addr.port}"
+        except Exception:
+            return "?"
+
+    @property
+    def peer_host(self) -> str:
+        try:
+            addr: Any = self.transport.getPeer()  # type: ignore[union-attr]
+            return str(addr.host)
+        except Exception:
+            return ""
+
+    @property
+    def connected_open(self) -> bool:
+        return not self._closed
+
+    def expect_slice(self, piece_size: int, data_len: int, md5_hex: str | None) -> None:
+        assert self.parser is not None
+        self.parser.expect_slice(piece_size, data_len, md5_hex)
+
+    def send_control(self, msg: dict[str, Any]) -> None:
+        """Queue one control frame behind whatever is being sent."""
+        self._enqueue(encode_control(msg, self._max_control), None)
+
+    def send_slice(self, msg: dict[str, Any], source: SliceSource) -> None:
+        """Queue a control frame announcing a slice, then the slice itself."""
+        self._enqueue(encode_control(msg, self._max_control), source)
+
+    def close(self, abort: bool = False) -> None:
+        if self._closed or self.transport is None:
+            return
+        self._closed = True
+        if abort:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+        else:
+            self.transport.loseConnection()
+
+    def _enqueue(self, frame: bytes, source: SliceSource | None) -> None:
+        if self._closed:
+            if source is not None and source.on_done is not None:
+                source.on_done(False, 0)
+            return
+        self._queue.append((frame, source))
+        if not self._busy:
+            self._pump()
+
+    def _pump(self) -> None:
+        assert self.transport is not None
+        while self._queue and not self._closed:
+            frame, source = self._queue.popleft()
+            self.transport.write(frame)
+            if source is not None:
+                self._busy = True
+                FileRangeProducer(self.transport, source, self._slice_sent).start()  # type: ignore[arg-type]
+                return
+        self._busy = False
+
+    def _slice_sent(self, ok: bool) -> None:
+        self._busy = False
+        if not ok:
+            self.close(abort=True)
+            return
+        self._pump()
+
+
+class FramedFactory(Factory):
+    """Builds L{FramedProtocol}s whose sessions come from C{make_session}."""
+
+    noisy = False
+
+    def __init__(self, make_session: Callable[[FramedProtocol], Session]) -> None:
+        self._make_session = make_session
+
+    def buildProtocol(self, addr: Any) -> FramedProtocol:
+        proto = FramedProtocol(self._make_session)
+        proto.factory = self
+        return proto

@@ -1,0 +1,110 @@
+"""Real processes on loopback: a supernode, peer daemons, dfget and a counting origin."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+from filegen import make_file
+
+from dfly.devtools.swarm import Swarm
+from dfly.pieces import MIB
+
+pytestmark = pytest.mark.loopback
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def test_eight_peers_share_one_origin_fetch(swarm: Swarm, files: str) -> None:
+    """Eight peer daemons fetching one 64 MiB file at once all get the right bytes; the
+    origin sends it exactly once and the supernode serves well under half of all slice bytes."""
+    size = 64 * MIB
+    src = make_file(files, "layer.bin", size)
+    swarm.start_origin(files)
+    swarm.start_supernode()
+    names = [f"peer{i}" for i in range(8)]
+    for name in names:
+        swarm.start_peer(name)
+    url = swarm.origin_url("layer.bin")
+    outs = [os.path.join(swarm.root, f"out-{n}.bin") for n in names]
+    results = swarm.dfget_many([(url, out, n) for out, n in zip(outs, names, strict=True)], timeout=240)
+    for r in results:
+        assert r.returncode == 0, r.stderr
+    want = sha256(src)
+    assert [sha256(o) for o in outs] == [want] * 8
+    assert swarm.origin_stats()["bytes"]["layer.bin"] == size
+    task = swarm.task("/layer.bin")
+    assert task["state"] == "done" and task["source_bytes"] == size
+    slice_bytes = 8 * (size + 5 * task["piece_count"])
+    assert task["served_bytes"] < slice_bytes / 2, task
+    summaries = [json.loads(r.stdout) for r in results]
+    from_peers = sum(s["from_peers"] for s in summaries)
+    assert from_peers > 0.5 * 8 * size
+    assert sum(s["from_supernode"] + s["from_peers"] for s in summaries) == 8 * size
+
+
+def test_damaged_peer_is_reported_and_blacklisted(swarm: Swarm, files: str) -> None:
+    """A peer whose stored copy is damaged on disk serves slices that fail md5: downloaders
+    report it, the supernode blacklists it, and every output is still exactly right."""
+    size = 12 * MIB + 12345
+    src = make_file(files, "f.bin", size, seed=7)
+    swarm.start_origin(files)
+    swarm.start_supernode("--piece-size", "1", "--blacklist-limit", "2")
+    bad = swarm.start_peer("bad")
+    url = swarm.origin_url("f.bin")
+    r = swarm.dfget(url, os.path.join(swarm.root, "bad.out"), peer="bad")
+    assert r.returncode == 0, r.stderr
+    stored = os.path.join(bad.info["home"], "tasks", json.loads(r.stdout)["task"], "data")
+    with open(stored, "r+b") as f:
+        for n in range(0, 13):
+            f.seek(n * (MIB - 5) + 100)
+            f.write(b"\xff\x00garbage\x00\xff")
+    swarm.start_peer("good1")
+    swarm.start_peer("good2")
+    outs = [os.path.join(swarm.root, f"{n}.out") for n in ("good1", "good2")]
+    results = swarm.dfget_many([(url, outs[0], "good1"), (url, outs[1], "good2")], timeout=120)
+    for r in results:
+        assert r.returncode == 0, r.stderr
+    want = sha256(src)
+    assert [sha256(o) for o in outs] == [want, want]
+    peers = {p["id"]: p for p in swarm.task("/f.bin")["peers"]}
+    bad_id = bad.info["peer"]
+    assert peers[bad_id]["blacklisted"], peers
+    log = open(swarm.peers["good1"].log).read() + open(swarm.peers["good2"].log).read()
+    assert "md5" in log and "failed" in log
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "path"),
+    [
+        ("empty", 0, "empty"),
+        ("one", 1, "one"),
+        ("exact", 3 * (MIB - 5), "exact"),
+        ("chunked", 3 * (MIB - 5) + 7, "chunked/chunked"),
+        ("query", 2 * MIB, "query?a=1&sig=secret"),
+    ],
+)
+def test_edge_files(swarm: Swarm, files: str, name: str, size: int, path: str) -> None:
+    """Edge-sized and edge-served files arrive byte-exact through an in-process dfget peer:
+    0 bytes, 1 byte, exactly k*(P-5) bytes, chunked with no Content-Length, a query string."""
+    src = make_file(files, name, size, seed=size)
+    swarm.start_origin(files)
+    swarm.start_supernode("--piece-size", "1")
+    out = os.path.join(swarm.root, f"{name}.out")
+    r = swarm.dfget(swarm.origin_url(path), out, "--filter", "sig")
+    assert r.returncode == 0, r.stderr
+    assert os.path.getsize(out) == size
+    assert sha256(out) == sha256(src)
+    task = swarm.api()["tasks"][0]
+    assert task["length"] == size
+    assert task["piece_count"] == max(1, -(-size // (MIB - 5)))
+    if name == "query":
+        assert "sig=" not in task["url"] and "a=1" in task["url"]

@@ -1,0 +1,513 @@
+"""Tests for dfly.supernode.scheduler: pure piece-scheduling logic, no clock or I/O."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from dfly.supernode.scheduler import CDN, Assignment, Scheduler
+
+T = "task"
+
+
+def setup(n_pieces: int, **limits: int) -> Scheduler:
+    """A scheduler with one task whose first C{n_pieces} pieces the CDN already holds."""
+    s = Scheduler(**limits)
+    s.add_task(T)
+    for p in range(n_pieces):
+        assert s.cdn_piece_ready(T, p) == []  # nobody has joined yet
+    return s
+
+
+def pairs(assignments: list[Assignment]) -> set[tuple[str, int, str]]:
+    """(peer, piece, source) triples of C{assignments}."""
+    return {(a.peer, a.piece, a.source) for a in assignments}
+
+
+def check_invariants(s: Scheduler, task_id: str = T) -> None:
+    """Limits hold and the load counters agree with the running downloads."""
+    task = s.tasks[task_id]
+    uploads: Counter[str] = Counter()
+    inflight: Counter[int] = Counter()
+    cdn = set()
+    for member in task.members.values():
+        assert len(member.running) <= s.down_limit
+        for piece, source in member.running.items():
+            assert piece not in member.has
+            inflight[piece] += 1
+            if source == CDN:
+                assert piece not in cdn, "two peers fetch the same piece from the CDN"
+                cdn.add(piece)
+            else:
+                uploads[source] += 1
+    assert len(cdn) <= s.cdn_limit
+    assert task.cdn_inflight == cdn
+    assert dict(task.inflight) == dict(inflight)
+    for pid, peer in s.peers.items():
+        assert peer.uploads == uploads.get(pid, 0)
+        assert peer.uploads <= s.up_limit
+
+
+# -- choice of pieces and sources -------------------------------------------------------
+
+
+def test_rarest_first() -> None:
+    """A new peer is assigned the least-held pieces first, in order of increasing holder count."""
+    s = setup(5, down_limit=2, up_limit=10)
+    # Seeder i holds pieces 0..4-i, so piece p has 5-p holders.
+    for i in range(5):
+        assert s.join(T, f"seed{i}", has=range(5 - i), seeding_only=True) == []
+    got = s.join(T, "new")
+    assert sorted(a.piece for a in got) == [3, 4]
+    assert all(a.source != CDN for a in got)
+
+    s2 = setup(5, down_limit=5, up_limit=10)
+    for i in range(5):
+        s2.join(T, f"seed{i}", has=range(5 - i), seeding_only=True)
+    assert [a.piece for a in s2.join(T, "new")] == [4, 3, 2, 1, 0]
+    check_invariants(s2)
+
+
+def test_rarest_counts_running_downloads() -> None:
+    """A piece already being fetched counts as rarer-no-more: the next peer prefers the other one."""
+    s = setup(2, down_limit=1, up_limit=10)
+    s.join(T, "seed", has=[0, 1], seeding_only=True)
+    first = s.join(T, "a")
+    assert len(first) == 1
+    second = s.join(T, "b")
+    assert len(second) == 1
+    assert {first[0].piece, second[0].piece} == {0, 1}
+
+
+def test_peer_preferred_over_cdn() -> None:
+    """A piece held by a usable peer is assigned from that peer, not from the CDN."""
+    s = setup(1)
+    s.join(T, "holder", has=[0], seeding_only=True)
+    assert pairs(s.join(T, "b")) == {("b", 0, "holder")}
+    assert s.tasks[T].cdn_inflight == set()
+
+
+def test_least_loaded_holder_wins() -> None:
+    """Among holders, the one with the fewest running uploads is picked."""
+    s = setup(3, down_limit=3, up_limit=10)
+    s.join(T, "h1", has=[0, 1, 2], seeding_only=True)
+    s.join(T, "h2", has=[0, 1, 2], seeding_only=True)
+    got = s.join(T, "b")
+    counts = Counter(a.source for a in got)
+    assert len(got) == 3
+    assert set(counts) == {"h1", "h2"}
+    assert max(counts.values()) == 2
+    check_invariants(s)
+
+
+def test_cdn_serves_when_no_holder_and_only_once() -> None:
+    """With no holder the CDN serves a piece to one peer; a second peer waits instead of a second CDN fetch."""
+    s = setup(1)
+    assert pairs(s.join(T, "a")) == {("a", 0, CDN)}
+    assert s.join(T, "b") == []
+    assert s.join(T, "c") == []
+    assert s.tasks[T].cdn_inflight == {0}
+    check_invariants(s)
+
+
+def test_cdn_not_used_when_holder_is_busy() -> None:
+    """A piece whose only holder is at its upload limit is not taken from the CDN: the peer waits."""
+    s = setup(1, up_limit=1)
+    s.join(T, "h", has=[0], seeding_only=True)
+    assert pairs(s.join(T, "a")) == {("a", 0, "h")}
+    assert s.join(T, "b") == []
+    assert s.tasks[T].cdn_inflight == set()
+    # When h's upload finishes, b gets the piece from a peer (a or h), still not from the CDN.
+    got = s.piece_done(T, "a", 0, "h")
+    assert len(got) == 1 and got[0].peer == "b" and got[0].source in {"a", "h"}
+    check_invariants(s)
+
+
+def test_cdn_limit_per_task() -> None:
+    """At most cdn_limit pieces of a task are served by the CDN at once, across all peers."""
+    s = setup(6, down_limit=4, cdn_limit=2)
+    a = s.join(T, "a")
+    assert [x.source for x in a] == [CDN, CDN]
+    assert s.join(T, "b") == []
+    assert Scheduler.cdn_load(s.tasks[T]) == 2
+    check_invariants(s)
+    # One CDN fetch finishes: exactly one new CDN fetch may start, and b can fetch the done piece from a.
+    done = a[0]
+    got = s.piece_done(T, "a", done.piece, CDN)
+    assert sum(1 for x in got if x.source == CDN) == 1
+    assert ("b", done.piece, "a") in pairs(got)
+    assert Scheduler.cdn_load(s.tasks[T]) == 2
+    check_invariants(s)
+
+
+def test_cdn_limit_separate_per_task() -> None:
+    """The CDN limit is counted per task: another task has its own budget."""
+    s = setup(3, cdn_limit=1)
+    s.add_task("other")
+    for p in range(3):
+        s.cdn_piece_ready("other", p)
+    assert len(s.join(T, "a")) == 1
+    assert len(s.join("other", "a")) == 1
+
+
+def test_up_limit_caps_uploads_per_source() -> None:
+    """A source never runs more than up_limit uploads at once; excess peers wait."""
+    s = setup(4, down_limit=4, up_limit=2)
+    s.join(T, "h", has=range(4), seeding_only=True)
+    b = s.join(T, "b")
+    assert len(b) == 2 and {x.source for x in b} == {"h"}
+    assert s.join(T, "c") == []
+    assert s.peers["h"].uploads == 2
+    check_invariants(s)
+    got = s.piece_done(T, "b", b[0].piece, "h")
+    # h has one free slot again; somebody gets it (b or c) and h stays at 2.
+    assert [x.source for x in got].count("h") == 1
+    assert s.peers["h"].uploads == 2
+    check_invariants(s)
+
+
+def test_down_limit_caps_running_pieces() -> None:
+    """A downloader never runs more than down_limit pieces at once."""
+    s = setup(10, down_limit=3, up_limit=10)
+    s.join(T, "h", has=range(10), seeding_only=True)
+    got = s.join(T, "b")
+    assert len(got) == 3
+    assert len(s.tasks[T].members["b"].running) == 3
+    more = s.piece_done(T, "b", got[0].piece, "h")
+    assert len(more) == 1 and more[0].peer == "b"
+    assert len(s.tasks[T].members["b"].running) == 3
+
+
+def test_no_assignment_for_pieces_held_or_unavailable() -> None:
+    """Pieces a peer already has, and pieces the CDN has not written, are never assigned."""
+    s = setup(3)
+    got = s.join(T, "b", has=[0, 2])
+    assert pairs(got) == {("b", 1, CDN)}
+    s.join(T, "h", has=[0, 1, 2, 5, 6], seeding_only=True)
+    got_c = s.join(T, "c", has=[1])
+    assert {a.piece for a in got_c} == {0, 2}
+
+
+def test_seeding_only_member_gets_nothing() -> None:
+    """A seeding-only member serves pieces but is never assigned any."""
+    s = setup(3)
+    assert s.join(T, "s", has=[0], seeding_only=True) == []
+    assert s.tasks[T].members["s"].running == {}
+
+
+# -- completions ------------------------------------------------------------------------
+
+
+def test_piece_done_makes_holder_and_releases_loads() -> None:
+    """After piece_done the downloader holds the piece, serves it to others, and CDN/upload loads are released."""
+    s = setup(1)
+    assert pairs(s.join(T, "a")) == {("a", 0, CDN)}
+    assert s.join(T, "b") == []
+    got = s.piece_done(T, "a", 0, CDN)
+    assert pairs(got) == {("b", 0, "a")}
+    task = s.tasks[T]
+    assert "a" in task.holders[0]
+    assert task.cdn_inflight == set()
+    assert task.members["a"].running == {}
+    assert s.peers["a"].uploads == 1
+    s.piece_done(T, "b", 0, "a")
+    assert s.peers["a"].uploads == 0
+    assert task.inflight == {}
+    assert task.holders[0] == {"a", "b"}
+    check_invariants(s)
+
+
+def test_piece_done_unknown_task_or_member() -> None:
+    """piece_done for an unknown task or a non-member returns no assignments and changes nothing."""
+    s = setup(1)
+    assert s.piece_done("nope", "a", 0, CDN) == []
+    assert s.piece_done(T, "stranger", 0, CDN) == []
+    assert 0 not in s.tasks[T].holders
+
+
+# -- failures -----------------------------------------------------------------------------
+
+
+def test_piece_failed_avoids_source() -> None:
+    """After a failure from a peer, the downloader avoids that source (here: falls back to the CDN)."""
+    s = setup(1, blacklist_limit=10)
+    s.join(T, "h", has=[0], seeding_only=True)
+    assert pairs(s.join(T, "b")) == {("b", 0, "h")}
+    got = s.piece_failed(T, "b", 0, "h")
+    assert pairs(got) == {("b", 0, CDN)}
+    task = s.tasks[T]
+    assert "h" in task.members["b"].avoid
+    assert s.peers["h"].uploads == 0
+    assert s.peers["h"].service_errors == 1
+    assert s.peers["b"].client_errors == 1
+    assert not s.peers["h"].blacklisted
+    # Another peer is not affected by b's avoid set.
+    assert pairs(s.join(T, "c")) == {("c", 0, "h")}
+    check_invariants(s)
+
+
+def test_piece_failed_tries_other_holder() -> None:
+    """After a failure the piece is reassigned to a different holder when one is usable."""
+    s = setup(1, blacklist_limit=10)
+    s.join(T, "h1", has=[0], seeding_only=True)
+    s.join(T, "h2", has=[0], seeding_only=True)
+    first = s.join(T, "b")[0].source
+    got = s.piece_failed(T, "b", 0, first)
+    assert len(got) == 1
+    assert got[0].source not in {first, CDN}
+
+
+def test_blacklist_after_limit() -> None:
+    """A source failing blacklist_limit times in a row is blacklisted and then skipped by every peer."""
+    s = setup(1, blacklist_limit=3, up_limit=10)
+    s.join(T, "bad", has=[0], seeding_only=True)
+    for i in range(3):
+        assert pairs(s.join(T, f"d{i}")) == {(f"d{i}", 0, "bad")}
+    assert not s.peers["bad"].blacklisted
+    s.piece_failed(T, "d0", 0, "bad")
+    s.piece_failed(T, "d1", 0, "bad")
+    assert not s.peers["bad"].blacklisted
+    s.piece_failed(T, "d2", 0, "bad")
+    assert s.peers["bad"].blacklisted
+    # A fresh peer (empty avoid set) does not get "bad" as a source.
+    s.join(T, "good", has=[0], seeding_only=True)
+    got = s.join(T, "fresh")
+    assert all(a.source != "bad" for a in got)
+    check_invariants(s)
+
+
+def test_blacklisted_only_holder_means_cdn() -> None:
+    """When the only holder is blacklisted, the piece comes from the CDN."""
+    s = setup(2, blacklist_limit=1, down_limit=1)
+    s.join(T, "bad", has=[0, 1], seeding_only=True)
+    (first,) = s.join(T, "d")
+    assert first.source == "bad"
+    other = 1 - first.piece
+    assert pairs(s.piece_failed(T, "d", first.piece, "bad")) == {("d", first.piece, CDN)}
+    assert s.peers["bad"].blacklisted
+    # e never failed with "bad", but "bad" is blacklisted: e's piece comes from the CDN.
+    assert pairs(s.join(T, "e")) == {("e", other, CDN)}
+    check_invariants(s)
+
+
+def test_success_resets_service_errors() -> None:
+    """A successful upload resets the source's consecutive-failure count, so it is not blacklisted."""
+    s = setup(2, blacklist_limit=2, up_limit=10, down_limit=1)
+    s.join(T, "h", has=[0, 1], seeding_only=True)
+    a = s.join(T, "a")[0]
+    b = s.join(T, "b")[0]
+    s.piece_failed(T, "a", a.piece, "h")
+    s.piece_done(T, "b", b.piece, "h")
+    assert s.peers["h"].service_errors == 0
+    c = s.join(T, "c")
+    s.piece_failed(T, "c", c[0].piece, c[0].source)
+    assert not s.peers["h"].blacklisted
+
+
+def test_isolation_after_client_failures() -> None:
+    """A downloader failing isolation_limit times in a row gets CDN-only assignments despite usable holders."""
+    s = setup(2, down_limit=1, isolation_limit=2, blacklist_limit=100, up_limit=10)
+    for h in ("h1", "h2", "h3"):
+        s.join(T, h, has=[0, 1], seeding_only=True)
+    first = s.join(T, "b")
+    assert len(first) == 1 and first[0].source != CDN
+    piece = first[0].piece
+    second = s.piece_failed(T, "b", piece, first[0].source)
+    assert len(second) == 1 and second[0].source not in {CDN, first[0].source}
+    third = s.piece_failed(T, "b", piece, second[0].source)
+    assert pairs(third) == {("b", piece, CDN)}
+    # The CDN success ends the isolation: the next piece comes from a holder again.
+    nxt = s.piece_done(T, "b", piece, CDN)
+    assert s.peers["b"].client_errors == 0  # a success ends the run of failures
+    assert all(a.source != CDN for a in nxt)
+    check_invariants(s)
+
+
+def test_isolated_peer_next_piece_from_cdn() -> None:
+    """While isolated, every new assignment of that peer comes from the CDN."""
+    s = setup(3, down_limit=3, isolation_limit=1, blacklist_limit=100, up_limit=10)
+    s.join(T, "h", has=[0, 1, 2], seeding_only=True)
+    s.join(T, "h2", has=[0, 1, 2], seeding_only=True)
+    got = s.join(T, "b")
+    assert len(got) == 3
+    bad = got[0]
+    again = s.piece_failed(T, "b", bad.piece, bad.source)
+    assert pairs(again) == {("b", bad.piece, CDN)}
+
+
+def test_stale_failure_ignored() -> None:
+    """A failure report naming a source other than the current one (or a piece not running) changes nothing."""
+    s = setup(1)
+    s.join(T, "h", has=[0], seeding_only=True)
+    assert pairs(s.join(T, "b")) == {("b", 0, "h")}
+    assert s.piece_failed(T, "b", 0, "other") == []
+    assert s.piece_failed(T, "b", 0, CDN) == []
+    assert s.piece_failed(T, "b", 7, "h") == []
+    assert s.piece_failed(T, "nobody", 0, "h") == []
+    assert s.piece_failed("no-task", "b", 0, "h") == []
+    task = s.tasks[T]
+    assert task.members["b"].running == {0: "h"}
+    assert task.members["b"].avoid == set()
+    assert s.peers["b"].client_errors == 0
+    assert s.peers["h"].service_errors == 0
+    assert s.peers["h"].uploads == 1
+    check_invariants(s)
+
+
+def test_second_failure_report_is_stale() -> None:
+    """Reporting the same failure twice counts it once."""
+    s = setup(1, blacklist_limit=10)
+    s.join(T, "h", has=[0], seeding_only=True)
+    s.join(T, "b")
+    s.piece_failed(T, "b", 0, "h")
+    assert s.piece_failed(T, "b", 0, "h") == []
+    assert s.peers["h"].service_errors == 1
+    assert s.peers["b"].client_errors == 1
+
+
+# -- peers going away ---------------------------------------------------------------------
+
+
+def test_peer_gone_releases_and_reassigns() -> None:
+    """peer_gone frees the gone peer's CDN fetch and re-sources pieces others were fetching from it."""
+    s = setup(2)
+    got_a = s.join(T, "a", has=[0])
+    assert pairs(got_a) == {("a", 1, CDN)}
+    got_b = s.join(T, "b")
+    assert pairs(got_b) == {("b", 0, "a")}  # piece 1 is already coming from the CDN
+    s.join(T, "a2", has=[0], seeding_only=True)
+    out = s.peer_gone("a")
+    assert pairs(out) == {("b", 0, "a2"), ("b", 1, CDN)}
+    task = s.tasks[T]
+    assert "a" not in task.members
+    assert all("a" not in h for h in task.holders.values())
+    assert "a" not in s.peers
+    check_invariants(s)
+
+
+def test_peer_gone_only_source_falls_back_to_cdn() -> None:
+    """If the gone peer was the only holder, its downloaders are re-assigned to the CDN."""
+    s = setup(1)
+    s.join(T, "a", has=[0], seeding_only=True)
+    s.join(T, "b")
+    assert pairs(s.peer_gone("a")) == {("b", 0, CDN)}
+    check_invariants(s)
+
+
+def test_peer_gone_unknown_and_late_reports() -> None:
+    """peer_gone for an unknown peer is a no-op; later reports about the gone peer's work are ignored."""
+    s = setup(1)
+    assert s.peer_gone("ghost") == []
+    s.join(T, "a")
+    s.peer_gone("a")
+    assert s.piece_done(T, "a", 0, CDN) == []
+    assert s.piece_failed(T, "a", 0, CDN) == []
+    assert s.tasks[T].cdn_inflight == set()
+
+
+def test_leave_withdraws_uploads() -> None:
+    """leave drops a member from one task and re-sources downloads that relied on it."""
+    s = setup(1)
+    s.join(T, "a", has=[0], seeding_only=True)
+    s.join(T, "b")
+    assert pairs(s.leave(T, "a")) == {("b", 0, CDN)}
+    assert s.leave(T, "a") == []
+    assert "a" in s.peers  # still known, only left this task
+    check_invariants(s)
+
+
+def test_cdn_failed_and_reset() -> None:
+    """After cdn_failed nothing is assigned; reset_task forgets the task and releases upload loads."""
+    s = setup(2, up_limit=10)
+    s.join(T, "h", has=[0, 1], seeding_only=True)
+    s.join(T, "b")
+    assert s.peers["h"].uploads == 2
+    s.cdn_failed(T)
+    assert s.cdn_piece_ready(T, 2) == []
+    assert s.join(T, "c") == []
+    s.reset_task(T)
+    assert T not in s.tasks
+    assert s.peers["h"].uploads == 0
+
+
+# -- whole-swarm simulation -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_simulation_swarm(seed: int) -> None:
+    """8 peers, 16 pieces released one by one: everyone completes, and the CDN serves each piece at most once."""
+    rng = random.Random(seed)
+    n_peers, n_pieces = 8, 16
+    s = Scheduler()
+    s.add_task(T)
+    peers = [f"p{i}" for i in range(n_peers)]
+    pending: list[Assignment] = []
+    seen: set[tuple[str, int]] = set()
+    log: list[Assignment] = []
+
+    def record(new: list[Assignment]) -> None:
+        task = s.tasks[T]
+        for a in new:
+            assert a.task == T
+            assert (a.peer, a.piece) not in seen, "a piece was assigned twice to one peer"
+            seen.add((a.peer, a.piece))
+            assert a.piece in task.available
+            assert a.source == CDN or a.piece in task.members[a.source].has
+            assert a.source != a.peer
+        pending.extend(new)
+        log.extend(new)
+        check_invariants(s)
+
+    def complete(k: int) -> None:
+        for _ in range(k):
+            if not pending:
+                return
+            a = pending.pop(rng.randrange(len(pending)))
+            record(s.piece_done(T, a.peer, a.piece, a.source))
+
+    for p in peers:
+        record(s.join(T, p))
+    assert pending == []
+    for piece in range(n_pieces):
+        record(s.cdn_piece_ready(T, piece))
+        complete(rng.randint(0, 4))
+    record(s.cdn_finished(T, n_pieces))
+    steps = 0
+    while pending:
+        complete(1)
+        steps += 1
+        assert steps < 10_000
+    task = s.tasks[T]
+    for p in peers:
+        assert task.members[p].has == set(range(n_pieces)), p
+        assert task.members[p].running == {}
+    assert len(log) == n_peers * n_pieces
+    cdn_served = sum(1 for a in log if a.source == CDN)
+    assert 1 <= cdn_served <= n_pieces
+    assert cdn_served * 2 < len(log)
+    assert task.cdn_inflight == set() and task.inflight == {}
+    assert all(peer.uploads == 0 for peer in s.peers.values())
+    assert s.schedule(T) == []
+
+
+# -- end of the file -------------------------------------------------------------------------
+
+
+def test_cdn_finished_stops_assigning_complete_members() -> None:
+    """Once the piece count is known, members holding every piece get nothing while others still do."""
+    s = setup(4, up_limit=10)
+    assert s.join(T, "full", has=range(4)) == []
+    got = s.cdn_finished(T, 4)
+    assert got == []  # nobody is missing anything yet
+    assert s.tasks[T].piece_count == 4
+    b = s.join(T, "b")
+    assert {a.piece for a in b} == {0, 1, 2, 3}
+    assert all(a.peer == "b" and a.source == "full" for a in b)
+    for a in b:
+        for new in s.piece_done(T, "b", a.piece, a.source):
+            assert new.peer not in {"full", "b"}
+    assert s.schedule(T) == []
+    assert s.tasks[T].members["b"].has == {0, 1, 2, 3}
+
