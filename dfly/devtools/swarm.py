@@ -22,7 +22,8 @@ from typing import Any
 BIN = os.path.dirname(sys.executable)
 
 
-def _tool(name: str) -> str:
+def tool(name: str) -> str:
+    """Path of a console script installed beside this Python (or the bare name)."""
     path = os.path.join(BIN, name)
     return path if os.path.exists(path) else name
 
@@ -121,7 +122,7 @@ class Swarm:
         proc = self._spawn(
             name,
             [
-                _tool("twistd"), "-n", "--pidfile=", "-l", "-", "dfly-supernode",
+                tool("twistd"), "-n", "--pidfile=", "-l", "-", "dfly-supernode",
                 "--port", "tcp:0:interface=127.0.0.1", "--api", "tcp:0:interface=127.0.0.1",
                 "--home", home, "--ready-file", ready, *extra,
             ],
@@ -141,7 +142,7 @@ class Swarm:
         proc = self._spawn(
             name,
             [
-                _tool("twistd"), "-n", "--pidfile=", "-l", "-", "dfly-peer",
+                tool("twistd"), "-n", "--pidfile=", "-l", "-", "dfly-peer",
                 "--supernode", self.supernode_address, "--port", "tcp:0:interface=127.0.0.1",
                 "--home", home, "--ready-file", ready, *extra,
             ],
@@ -154,7 +155,7 @@ class Swarm:
     # -- using it ----------------------------------------------------------
     def dfget_argv(self, url: str, output: str, *extra: str, peer: str | None = None) -> list[str]:
         where = ["--home", self.peers[peer].info["home"]] if peer else ["--supernode", self.supernode_address]
-        return [_tool("dfget"), url, "-o", output, "--json", *where, *extra]
+        return [tool("dfget"), url, "-o", output, "--json", *where, *extra]
 
     def dfget(self, url: str, output: str, *extra: str, peer: str | None = None, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

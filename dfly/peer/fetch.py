@@ -79,19 +79,21 @@ class FetchSession:
         self._arm()
 
     def _arm(self) -> None:
-        if not self.sent:
-            if self.timer is not None and self.timer.active():
-                self.timer.cancel()
-            self.timer = None
-        elif self.timer is None or not self.timer.active():
-            self.timer = self.pool.reactor.callLater(self.pool.stall_timeout, self._stalled)
+        """One timer: the stall timeout while requests are out, else the idle timeout."""
+        delay = self.pool.stall_timeout if self.sent else self.pool.idle_timeout
+        if self.timer is None or not self.timer.active():
+            self.timer = self.pool.reactor.callLater(delay, self._timed_out)
         else:
-            self.timer.reset(self.pool.stall_timeout)
+            self.timer.reset(delay)
 
-    def _stalled(self) -> None:
+    def _timed_out(self) -> None:
         self.timer = None
-        self.error = f"source sent nothing for {self.pool.stall_timeout:g} s"
-        self.wire.close(abort=True)
+        if self.sent:
+            self.error = f"source sent nothing for {self.pool.stall_timeout:g} s"
+            self.wire.close(abort=True)
+        else:
+            self.pool.lost(self.key, self)
+            self.wire.close()
 
     def control_received(self, msg: dict[str, Any]) -> None:
         op = msg["op"]
@@ -141,9 +143,16 @@ class SourcePool:
 
     _log = Logger()
 
-    def __init__(self, reactor: Any, stall_timeout: float = 30.0, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        stall_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+        idle_timeout: float = 60.0,
+    ) -> None:
         self.reactor = reactor
         self.stall_timeout = stall_timeout
+        self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
         self._sessions: dict[tuple[str, int], FetchSession] = {}
         self._connecting: dict[tuple[str, int], list[PieceRequest]] = {}

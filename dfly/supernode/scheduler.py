@@ -174,8 +174,8 @@ class Scheduler:
         if task is None:
             return []
         member = task.members.get(peer_id)
-        if member is None:
-            return []
+        if member is None or piece not in task.available:
+            return []  # not a member, or a piece that does not exist (yet): ignore the claim
         # Release whatever assignment is recorded, even if it was meanwhile moved to another
         # source: the piece is held now, so that slot must not stay taken.
         running = member.running.pop(piece, None)

@@ -1,0 +1,201 @@
+"""dfget against real processes: exit codes, one-line errors, and no half file at -o."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from filegen import make_file
+
+from dfly.devtools.swarm import Swarm, tool
+
+pytestmark = pytest.mark.loopback
+
+
+def leftovers(directory: str, keep: set[str]) -> list[str]:
+    """Files in C{directory} other than C{keep}: temp files would show up here."""
+    return sorted(set(os.listdir(directory)) - keep)
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A TCP server that accepts connections and never answers (a hung supernode)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    conns: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        sock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conns.append(sock.accept()[0])
+            except OSError:
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        stop.set()
+        t.join(2)
+        for c in conns:
+            c.close()
+        sock.close()
+
+
+def free_port() -> int:
+    """A port with nothing listening (bound and released; fine for a refused connection)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return int(port)
+
+
+def test_origin_404_exits_3_and_leaves_nothing(swarm: Swarm, files: str) -> None:
+    """A 404 at the origin gives exit 3 and a single line naming the status; -o stays absent."""
+    swarm.start_origin(files)
+    swarm.start_supernode()
+    outdir = os.path.join(swarm.root, "out")
+    os.makedirs(outdir)
+    r = swarm.dfget(swarm.origin_url("missing.bin"), os.path.join(outdir, "x"))
+    assert r.returncode == 3, r
+    assert "404" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert leftovers(outdir, set()) == []
+
+
+def test_wrong_md5_exits_4(swarm: Swarm, files: str) -> None:
+    """An --md5 the file does not have gives exit 4 (integrity), and no output."""
+    make_file(files, "f.bin", 300_000)
+    swarm.start_origin(files)
+    swarm.start_supernode()
+    out = os.path.join(swarm.root, "f.out")
+    r = swarm.dfget(swarm.origin_url("f.bin"), out, "--md5", "0" * 32)
+    assert r.returncode == 4, r
+    assert "md5" in r.stderr
+    assert not os.path.exists(out)
+
+
+def test_right_md5_via_daemon(swarm: Swarm, files: str) -> None:
+    """With the right --md5, a download handed to a peer daemon succeeds and matches."""
+    import hashlib
+
+    src = make_file(files, "g.bin", 5_000_000)
+    md5 = hashlib.md5(open(src, "rb").read()).hexdigest()
+    swarm.start_origin(files)
+    swarm.start_supernode()
+    swarm.start_peer("p")
+    out = os.path.join(swarm.root, "g.out")
+    r = swarm.dfget(swarm.origin_url("g.bin"), out, "--md5", md5, peer="p")
+    assert r.returncode == 0, r.stderr
+    assert open(out, "rb").read() == open(src, "rb").read()
+
+
+def test_missing_output_dir_exits_6(swarm: Swarm, files: str) -> None:
+    """An output in a directory that does not exist gives exit 6 before anything is fetched."""
+    swarm.start_origin(files)
+    r = subprocess.run(
+        [tool("dfget"), swarm.origin_url("x"), "-o", "/nonexistent/dir/x", "--supernode", "127.0.0.1:1"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert r.returncode == 6, r
+    assert "does not exist" in r.stderr
+
+
+def test_no_supernode_with_no_back_source_exits_7(swarm: Swarm, files: str) -> None:
+    """No reachable supernode and --no-back-source gives exit 7 and nothing at -o."""
+    make_file(files, "f.bin", 1000)
+    swarm.start_origin(files)
+    out = os.path.join(swarm.root, "f.out")
+    r = subprocess.run(
+        [tool("dfget"), swarm.origin_url("f.bin"), "-o", out, "--supernode", f"127.0.0.1:{free_port()}", "--no-back-source"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 7, r
+    assert not os.path.exists(out)
+    assert leftovers(swarm.root, {"origin.log", "origin.port"}) == []
+
+
+def test_no_supernode_falls_back_to_origin(swarm: Swarm, files: str) -> None:
+    """No reachable supernode: dfget says so and downloads straight from the origin."""
+    src = make_file(files, "f.bin", 2_000_000)
+    swarm.start_origin(files)
+    out = os.path.join(swarm.root, "f.out")
+    r = subprocess.run(
+        [tool("dfget"), swarm.origin_url("f.bin"), "-o", out, "--supernode", f"127.0.0.1:{free_port()}"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 0, r
+    assert "straight from the origin" in r.stderr
+    assert open(out, "rb").read() == open(src, "rb").read()
+
+
+def test_no_daemon_at_home_falls_back(swarm: Swarm, files: str) -> None:
+    """--home naming a directory with no daemon falls back to the origin (or exits 7)."""
+    src = make_file(files, "f.bin", 10_000)
+    swarm.start_origin(files)
+    home = os.path.join(swarm.root, "nohome")
+    os.makedirs(home)
+    out = os.path.join(swarm.root, "f.out")
+    r = subprocess.run([tool("dfget"), swarm.origin_url("f.bin"), "-o", out, "--home", home], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r
+    assert open(out, "rb").read() == open(src, "rb").read()
+    os.unlink(out)
+    r = subprocess.run(
+        [tool("dfget"), swarm.origin_url("f.bin"), "-o", out, "--home", home, "--no-back-source"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 7 and not os.path.exists(out)
+
+
+def test_timeout_exits_5_quickly(swarm: Swarm, files: str, silent_server: int) -> None:
+    """A supernode that accepts but never answers: --timeout 2 gives exit 5 within seconds."""
+    swarm.start_origin(files)
+    out = os.path.join(swarm.root, "f.out")
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [tool("dfget"), swarm.origin_url("f.bin"), "-o", out, "--supernode", f"127.0.0.1:{silent_server}", "--timeout", "2"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 5, r
+    assert "timed out" in r.stderr
+    assert time.monotonic() - t0 < 20
+    assert not os.path.exists(out)
+
+
+def test_existing_output_is_replaced_only_on_success(swarm: Swarm, files: str) -> None:
+    """A failed download leaves an existing file at -o untouched; a good one replaces it."""
+    src = make_file(files, "f.bin", 100_000)
+    swarm.start_origin(files)
+    swarm.start_supernode()
+    out = os.path.join(swarm.root, "f.out")
+    with open(out, "wb") as f:
+        f.write(b"precious")
+    r = swarm.dfget(swarm.origin_url("nope.bin"), out)
+    assert r.returncode == 3
+    assert open(out, "rb").read() == b"precious"
+    r = swarm.dfget(swarm.origin_url("f.bin"), out)
+    assert r.returncode == 0
+    assert open(out, "rb").read() == open(src, "rb").read()
+
+
+def test_usage_errors_exit_2() -> None:
+    """Bad command lines exit 2 with a message: no URL, bad scheme, bad --md5, bad header."""
+    for argv in (
+        [],
+        ["ftp://x/y", "-o", "y"],
+        ["http://x/y", "-o", "y", "--md5", "zz"],
+        ["http://x/y", "-o", "y", "--header", "no-colon"],
+        ["http://x/y", "-o", "y", "--home", "/tmp", "--supernode", "a:1"],
+    ):
+        r = subprocess.run([tool("dfget"), *argv], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2, (argv, r)
+        assert r.stderr.startswith("dfget: ")
