@@ -108,3 +108,29 @@ def test_edge_files(swarm: Swarm, files: str, name: str, size: int, path: str) -
     assert task["piece_count"] == max(1, -(-size // (MIB - 5)))
     if name == "query":
         assert "sig=" not in task["url"] and "a=1" in task["url"]
+
+
+def test_pieces_flow_to_peers_while_the_origin_is_still_sending(swarm: Swarm, files: str) -> None:
+    """With a slow origin (4 MiB/s), peers hold pieces while the supernode's fetch is still
+    running: pieces are offered as they are written, not when the whole file is cached."""
+    import subprocess
+    import time
+
+    size = 12 * MIB
+    src = make_file(files, "slow.bin", size)
+    swarm.start_origin(files, "--rate", "4M")
+    swarm.start_supernode("--piece-size", "1")
+    swarm.start_peer("a")
+    out = os.path.join(swarm.root, "slow.out")
+    proc = subprocess.Popen(swarm.dfget_argv(swarm.origin_url("slow.bin"), out, peer="a"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    overlap = False
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        tasks = swarm.api()["tasks"]
+        if tasks and tasks[0]["state"] == "running" and any(p["pieces"] > 0 for p in tasks[0]["peers"]):
+            overlap = True
+        time.sleep(0.1)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert overlap, "no peer held a piece while the origin fetch was running"
+    assert sha256(out) == sha256(src)

@@ -3,9 +3,10 @@
 Serves the files of one directory.  C{GET /NAME} answers with Content-Length;
 C{GET /chunked/NAME} answers chunked with no Content-Length; query strings
 are ignored.  C{GET /_stats} returns JSON: bytes of body sent and requests
-per file name.  Bodies are streamed with a pull producer, never read whole.
+per file name.  Bodies are streamed with a producer, never read whole; with
+C{--rate} every response is paced to that many bytes per second.
 
-    python -m dfly.devtools.origin --dir DIR --port tcp:0:interface=127.0.0.1 --port-file F
+    python -m dfly.devtools.origin --dir DIR --port tcp:0:interface=127.0.0.1 --port-file F [--rate 4M]
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import sys
 from typing import Any
 
-from twisted.internet.interfaces import IPullProducer
+from twisted.internet.interfaces import IPullProducer, IPushProducer
 from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -57,12 +58,84 @@ class _Body:
             self.f.close()
 
 
+@implementer(IPushProducer)
+class _PacedBody:
+    """Sends a file at C{rate} bytes per second, pausing when the client does not read."""
+
+    def __init__(self, request: Request, path: str, stats: dict[str, Any], name: str, rate: float, clock: Any) -> None:
+        self.request = request
+        self.f = open(path, "rb")
+        self.stats = stats
+        self.name = name
+        self.chunk = max(1024, min(CHUNK, int(rate / 20)))
+        self.interval = self.chunk / rate
+        self.clock = clock
+        self.call: Any = None
+        self.done = False
+        request.registerProducer(self, True)
+        request.notifyFinish().addBoth(lambda _: self._close())
+        self.resumeProducing()
+
+    def _tick(self) -> None:
+        self.call = None
+        if self.done:
+            return
+        data = self.f.read(self.chunk)
+        if not data:
+            self._close()
+            self.request.unregisterProducer()
+            self.request.finish()
+            return
+        self.stats["bytes"][self.name] = self.stats["bytes"].get(self.name, 0) + len(data)
+        self.stats["total_bytes"] += len(data)
+        self.request.write(data)
+        if not self.done and self.call is None and not self.paused:
+            self.call = self.clock.callLater(self.interval, self._tick)
+
+    paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        if self.call is not None:
+            self.call.cancel()
+            self.call = None
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self.call is None and not self.done:
+            self.call = self.clock.callLater(0, self._tick)
+
+    def stopProducing(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if not self.done:
+            self.done = True
+            if self.call is not None:
+                self.call.cancel()
+                self.call = None
+            self.f.close()
+
+
+def parse_rate(text: str) -> float:
+    """Bytes per second from C{"4M"}, C{"512K"}, C{"1G"} or a plain number."""
+    scale = {"K": 1024, "M": 1024**2, "G": 1024**3}
+    text = text.strip().upper().removesuffix("B")
+    factor = scale.get(text[-1:], 1)
+    number = float(text[:-1] if text[-1:] in scale else text)
+    if number <= 0:
+        raise ValueError("rate must be positive")
+    return number * factor
+
+
 class Origin(Resource):
     isLeaf = True
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, rate: float | None = None, clock: Any = None) -> None:
         super().__init__()
         self.directory = os.path.abspath(directory)
+        self.rate = rate
+        self.clock = clock
         self.stats: dict[str, Any] = {"bytes": {}, "requests": {}, "total_bytes": 0}
 
     def render_GET(self, request: Request) -> Any:
@@ -82,7 +155,10 @@ class Origin(Resource):
         request.setHeader(b"content-type", b"application/octet-stream")
         if not chunked:
             request.setHeader(b"content-length", str(os.path.getsize(path)).encode())
-        _Body(request, path, self.stats, name)
+        if self.rate:
+            _PacedBody(request, path, self.stats, name, self.rate, self.clock)
+        else:
+            _Body(request, path, self.stats, name)
         return NOT_DONE_YET
 
 
@@ -91,6 +167,7 @@ class Options(usage.Options):
         ["dir", None, ".", "Directory to serve."],
         ["port", None, "tcp:0:interface=127.0.0.1", "Endpoint to listen on."],
         ["port-file", None, None, "Write the port number here once listening."],
+        ["rate", None, None, "Pace every response to this many bytes/s (K, M, G suffixes)."],
     ]
 
 
@@ -110,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
             os.replace(tmp, opts["port-file"])
         print(f"origin serving {opts['dir']} on port {number}", flush=True)
 
-    d = serverFromString(reactor, opts["port"]).listen(Site(Origin(opts["dir"])))
+    rate = parse_rate(opts["rate"]) if opts["rate"] else None
+    d = serverFromString(reactor, opts["port"]).listen(Site(Origin(opts["dir"], rate, reactor)))
     d.addCallback(listening)
     def failed(f: Any) -> None:
         print(f"origin: {f.getErrorMessage()}", file=sys.stderr)

@@ -93,11 +93,11 @@ class Swarm:
         except OSError:
             return ""
 
-    def start_origin(self, directory: str) -> int:
+    def start_origin(self, directory: str, *extra: str) -> int:
         ready = os.path.join(self.root, "origin.port")
         proc = self._spawn(
             "origin",
-            [sys.executable, "-m", "dfly.devtools.origin", "--dir", directory, "--port-file", ready],
+            [sys.executable, "-m", "dfly.devtools.origin", "--dir", directory, "--port-file", ready, *extra],
             None,
         )
         deadline = time.monotonic() + 30
