@@ -120,8 +120,10 @@ class Options(dict[str, Any]):
         if self["home"] and self["supernode"]:
             raise usage.UsageError("give --home or --supernode, not both")
         if not self["output"]:
-            name = self["url"].split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
-            if not name or "://" in name or name in (".", ".."):
+            from urllib.parse import unquote, urlsplit
+
+            name = unquote(urlsplit(self["url"]).path).rstrip("/").rsplit("/", 1)[-1]
+            if not name or name in (".", ".."):
                 raise usage.UsageError("cannot name the output after the URL; give -o PATH")
             self["output"] = name
         self["filters"] = [k for k in self["filter"].split("&") if k]

@@ -188,13 +188,16 @@ def test_existing_output_is_replaced_only_on_success(swarm: Swarm, files: str) -
 
 
 def test_usage_errors_exit_2() -> None:
-    """Bad command lines exit 2 with a message: no URL, bad scheme, bad --md5, bad header."""
+    """Bad command lines exit 2 with a message: no URL, bad scheme, bad --md5, bad header,
+    both --home and --supernode, no -o for a URL with no file name."""
     for argv in (
         [],
         ["ftp://x/y", "-o", "y"],
         ["http://x/y", "-o", "y", "--md5", "zz"],
         ["http://x/y", "-o", "y", "--header", "no-colon"],
         ["http://x/y", "-o", "y", "--home", "/tmp", "--supernode", "a:1"],
+        ["http://example.com/"],
+        ["http://example.com/?q=1"],
     ):
         r = subprocess.run([tool("dfget"), *argv], capture_output=True, text=True, timeout=30)
         assert r.returncode == 2, (argv, r)

@@ -1,0 +1,470 @@
+"""The supernode's core (dfly.supernode.service) with a fake origin and fake peers.
+
+The HTTP client is a L{FakeHttp}; each origin request's Deferred is fired by the
+test with a L{FakeResponse} that delivers its body synchronously.  Peers are
+L{SupernodeSession}s over L{StubWire}s (and, where the bytes matter, over a real
+L{FramedProtocol} on a L{StringTransport}).  Time is a L{MemoryReactorClock}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from memhelpers import (
+    FakeHttp,
+    FakeResponse,
+    FrameCollector,
+    StubWire,
+    body,
+    chunked,
+    md5,
+    pieces_of,
+)
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import UNKNOWN_LENGTH
+
+from dfly.errors import BadControlMessage, PieceUnavailable
+from dfly.pieces import MIB, OVERHEAD, TAIL, SliceHeader, wrap
+from dfly.supernode.scheduler import CDN
+from dfly.supernode.service import PROTOCOL_VERSION, Supernode, SupernodeSession
+from dfly.urls import task_id_for
+from dfly.wire.framing import encode_control
+from dfly.wire.protocol import FramedProtocol
+
+P = 1 * MIB
+URL = "http://origin.example/files/blob.bin"
+# Two full pieces and a short third one.
+CONTENT = body(2 * (P - OVERHEAD) + 12345, seed=3)
+
+
+@dataclass
+class Env:
+    clock: MemoryReactorClock
+    http: FakeHttp
+    node: Supernode
+    home: str
+
+
+def _close_tasks(node: Supernode) -> None:
+    for task in list(node.tasks.values()):
+        task.close()
+
+
+@pytest.fixture
+def env(tmp_path: Any) -> Iterator[Env]:
+    clock = MemoryReactorClock()
+    http = FakeHttp()
+    home = str(tmp_path / "home")
+    node = Supernode(clock, http, home, piece_size=P)
+    yield Env(clock, http, node, home)
+    _close_tasks(node)
+
+
+def connect(
+    node: Supernode, peer_id: str, port: int = 4000, host: str | None = None
+) -> tuple[SupernodeSession, StubWire]:
+    """A peer session that has said hello."""
+    wire = StubWire(host=f"10.0.0.{len(node.sessions) + 1}")
+    session = SupernodeSession(wire, node)  # type: ignore[arg-type]
+    session.connection_made()
+    hello: dict[str, Any] = {"op": "hello", "peer": peer_id, "port": port}
+    if host is not None:
+        hello["host"] = host
+    session.control_received(hello)
+    assert wire.ops("welcome") == [{"op": "welcome", "version": PROTOCOL_VERSION}]
+    return session, wire
+
+
+def register(session: SupernodeSession, url: str = URL, req: int = 1, **extra: Any) -> None:
+    session.control_received({"op": "register", "req": req, "url": url, **extra})
+
+
+def cache_bytes(env: Env, tid: str) -> bytes:
+    with open(env.node.cdn.cache_path(tid), "rb") as f:
+        return f.read()
+
+
+def check_cache(env: Env, tid: str, content: bytes, piece_size: int = P) -> list[str]:
+    """The cache file holds every slice of C{content} at n*P; returns the piece md5s in order."""
+    raw = cache_bytes(env, tid)
+    infos = pieces_of(content, piece_size)
+    last = infos[-1]
+    assert len(raw) == (len(infos) - 1) * piece_size + last.data_len + OVERHEAD
+    out = []
+    for info in infos:
+        base = info.piece * piece_size
+        header = SliceHeader.decode(raw[base : base + 4])
+        assert header == SliceHeader(info.data_len, piece_size)
+        assert raw[base + 4 : base + 4 + info.data_len] == info.data
+        assert raw[base + 4 + info.data_len : base + 5 + info.data_len] == TAIL
+        whole = raw[base : base + info.data_len + OVERHEAD]
+        assert whole == wrap(info.data, piece_size)
+        out.append(hashlib.md5(whole).hexdigest())
+    return out
+
+
+# -- registration and the origin fetch ----------------------------------------------------
+
+
+def test_two_peers_one_task_one_origin_request(env: Env) -> None:
+    """Two peers registering the same URL share one task and cause one origin GET, which
+    carries the client's headers minus hop headers and asks for an unbuffered body; each
+    registration is answered with its own req and the task id."""
+    s1, w1 = connect(env.node, "p1")
+    s2, w2 = connect(env.node, "p2")
+    register(s1, req=7, headers=["X-Token: abc", "Range: bytes=0-9"])
+    register(s2, req=9, headers=["X-Token: abc"])
+
+    assert len(env.http.requests) == 1
+    assert len(env.node.tasks) == 1
+    tid = task_id_for(URL)
+    assert list(env.node.tasks) == [tid]
+    req = env.http.requests[0]
+    assert (req.method, req.url) == ("GET", URL)
+    assert req.headers == {b"X-Token": [b"abc"]}
+    assert req.kwargs.get("unbuffered") is True
+    (r1,) = w1.ops("registered")
+    (r2,) = w2.ops("registered")
+    assert (r1["req"], r1["task"], r1["state"]) == (7, tid, "running")
+    assert (r2["req"], r2["task"]) == (9, tid)
+    assert set(env.node.scheduler.tasks[tid].members) == {"p1", "p2"}
+    assert w1.ops("assign") == [] and w2.ops("assign") == []  # nothing cached yet
+
+
+def test_pieces_become_assignments_and_task_info(env: Env) -> None:
+    """As the origin body arrives, each cached piece is pushed as an 'assign' whose md5, len
+    and piece_size match the slice in the cache; once the body ends every member gets a
+    task_info with length, piece_count and the file md5; a peer that reports a piece done
+    becomes the source of that piece for the other peer (host and port from its hello)."""
+    s1, w1 = connect(env.node, "p1", port=5001, host="192.0.2.1")
+    s2, w2 = connect(env.node, "p2", port=5002)
+    register(s1)
+    register(s2)
+    tid = task_id_for(URL)
+    env.http.respond(0, FakeResponse(200, chunked(CONTENT, 100_000)))
+
+    cached = check_cache(env, tid, CONTENT)
+    task = env.node.tasks[tid]
+    assert [task.piece_md5[n] for n in range(3)] == cached
+    assigns = w1.ops("assign") + w2.ops("assign")
+    assert sorted({a["piece"] for a in assigns}) == [0, 1, 2]
+    for a in assigns:
+        assert a["task"] == tid and a["source"] == CDN
+        assert a["md5"] == cached[a["piece"]]
+        assert a["len"] == task.piece_len[a["piece"]]
+        assert a["piece_size"] == P
+    for wire in (w1, w2):
+        final = wire.ops("task_info")[-1]
+        assert final["state"] == "done"
+        assert final["length"] == len(CONTENT)
+        assert final["piece_count"] == 3
+        assert final["piece_size"] == P
+        assert final["md5"] == md5(CONTENT)
+    assert task.source_bytes == len(CONTENT)
+    meta = json.loads(open(env.node.cdn.cache_path(tid) + ".meta").read())
+    assert meta["piece_md5"] == cached and meta["file_md5"] == md5(CONTENT)
+
+    # Whoever got piece 0 from the CDN reports it done; the other peer is then sent to it.
+    holder, holder_session, other = (
+        ("p1", s1, w2) if any(a["piece"] == 0 for a in w1.ops("assign")) else ("p2", s2, w1)
+    )
+    before = len(other.ops("assign"))
+    holder_session.control_received({"op": "done", "task": tid, "piece": 0, "source": CDN})
+    new = [a for a in other.ops("assign")[before:] if a["piece"] == 0]
+    assert len(new) == 1
+    expected_host = "192.0.2.1" if holder == "p1" else holder_session.wire.peer_host
+    assert new[0]["source"] == {
+        "id": holder,
+        "host": expected_host,
+        "port": 5001 if holder == "p1" else 5002,
+    }
+    assert new[0]["md5"] == cached[0]
+
+
+def test_lookup_serves_cached_slices(env: Env) -> None:
+    """Supernode.lookup hands out exactly the cached slice bytes (header, data, tail) for a
+    cached piece, counts them as served, and refuses an unknown task or piece."""
+    s1, _ = connect(env.node, "p1")
+    register(s1)
+    tid = task_id_for(URL)
+    env.http.respond(0, FakeResponse(200, [CONTENT]))
+    infos = pieces_of(CONTENT, P)
+    for info in infos:
+        source, piece_size, data_len = env.node.lookup(tid, info.piece, "x")
+        assert (piece_size, data_len) == (P, info.data_len)
+        assert os.pread(source.fd, source.total, source.offset) == wrap(info.data, P)
+        assert source.on_done is not None
+        source.on_done(True, source.total)
+    assert env.node.tasks[tid].served_bytes == len(CONTENT) + 3 * OVERHEAD
+    with pytest.raises(PieceUnavailable):
+        env.node.lookup(tid, 3, "x")
+    with pytest.raises(PieceUnavailable):
+        env.node.lookup("0" * 64, 0, "x")
+
+
+def test_empty_body_is_one_empty_piece(env: Env) -> None:
+    """A 0-byte origin body makes one piece with dataLen 0: a 5-byte slice in the cache, an
+    assign with len 0 and the md5 of that slice, and the md5 of the empty file."""
+    s1, w1 = connect(env.node, "p1")
+    register(s1)
+    tid = task_id_for(URL)
+    env.http.respond(0, FakeResponse(200, [], length=0))
+    assert cache_bytes(env, tid) == wrap(b"", P)
+    (assign,) = w1.ops("assign")
+    assert (assign["piece"], assign["len"]) == (0, 0)
+    assert assign["md5"] == md5(wrap(b"", P))
+    final = w1.ops("task_info")[-1]
+    assert (final["state"], final["length"], final["piece_count"]) == ("done", 0, 1)
+    assert final["md5"] == md5(b"")
+
+
+@pytest.mark.parametrize(
+    "reason", [None, Failure(PotentialDataLoss())], ids=["response-done", "potential-data-loss"]
+)
+def test_chunked_body(env: Env, reason: Failure | None) -> None:
+    """A body of unknown length (chunked, or ended by closing the connection) is sliced the
+    same way: the first task_info has no length, the final one has the real length, and the
+    cache holds the right slices."""
+    s1, w1 = connect(env.node, "p1")
+    register(s1)
+    tid = task_id_for(URL)
+    env.http.respond(
+        0, FakeResponse(200, chunked(CONTENT, 65536), length=UNKNOWN_LENGTH, reason=reason)
+    )
+    infos = w1.ops("task_info")
+    assert infos[0]["length"] is None and infos[0]["piece_size"] == P
+    assert (infos[-1]["state"], infos[-1]["length"], infos[-1]["piece_count"]) == (
+        "done",
+        len(CONTENT),
+        3,
+    )
+    assert infos[-1]["md5"] == md5(CONTENT)
+    check_cache(env, tid, CONTENT)
+
+
+def test_unknown_length_default_piece_size(tmp_path: Any) -> None:
+    """Without a configured piece size, a body of unknown length is cut into 4 MiB pieces."""
+    http = FakeHttp()
+    node = Supernode(MemoryReactorClock(), http, str(tmp_path), piece_size=None)
+    try:
+        s1, w1 = connect(node, "p1")
+        register(s1)
+        small = body(1000, seed=1)
+        http.respond(0, FakeResponse(200, [small], length=UNKNOWN_LENGTH))
+        (assign,) = w1.ops("assign")
+        assert assign["piece_size"] == 4 * MIB and assign["len"] == 1000
+        assert assign["md5"] == md5(wrap(small, 4 * MIB))
+    finally:
+        _close_tasks(node)
+
+
+# -- failures ---------------------------------------------------------------------------
+
+
+def test_origin_404_fails_task_then_fresh_task(env: Env) -> None:
+    """An origin 404 sends task_failed (status 404, kind OriginError) to every registered peer,
+    removes the task and its cache file, consumes the error body; the next registration of the
+    same URL creates a fresh task with a new origin request."""
+    s1, w1 = connect(env.node, "p1")
+    s2, w2 = connect(env.node, "p2")
+    register(s1)
+    register(s2)
+    tid = task_id_for(URL)
+    first = env.node.tasks[tid]
+    response = env.http.respond(0, FakeResponse(404, [b"no such file"], phrase=b"Not Found"))
+    assert response.delivered_to is not None  # the error body was read and discarded
+    for wire in (w1, w2):
+        (failed,) = wire.ops("task_failed")
+        assert failed["task"] == tid
+        assert failed["status"] == 404
+        assert failed["state"] == "failed"
+        assert failed["kind"] == "OriginError"
+        assert "404" in failed["reason"]
+        assert wire.ops("assign") == []
+    assert tid not in env.node.tasks and tid not in env.node.scheduler.tasks
+    assert not os.path.exists(env.node.cdn.cache_path(tid))
+    assert first.fd is None
+
+    register(s1, req=2)
+    assert len(env.http.requests) == 2
+    assert env.node.tasks[tid] is not first and env.node.tasks[tid].state == "running"
+    env.http.respond(1, FakeResponse(200, [CONTENT]))
+    assert w1.ops("task_info")[-1]["state"] == "done"
+
+
+@pytest.mark.parametrize(
+    "chunks, length, words",
+    [
+        (chunked(CONTENT[:-1000], 300_000), len(CONTENT), "Content-Length"),
+        (chunked(CONTENT, 300_000), len(CONTENT) - 1000, "Content-Length"),
+    ],
+    ids=["short-body", "long-body"],
+)
+def test_body_length_mismatch_fails_task(
+    env: Env, chunks: list[bytes], length: int, words: str
+) -> None:
+    """A body shorter (or longer) than its Content-Length fails the task: peers get
+    task_failed naming the reason, the cache file and metadata are removed, and the pieces
+    already assigned can no longer be served."""
+    s1, w1 = connect(env.node, "p1")
+    register(s1)
+    tid = task_id_for(URL)
+    path = env.node.cdn.cache_path(tid)
+    assert os.path.exists(path)
+    env.http.respond(0, FakeResponse(200, chunks, length=length))
+    assert w1.ops("assign"), "full pieces are assigned before the body ends"
+    (failed,) = w1.ops("task_failed")
+    assert words in failed["reason"]
+    assert not os.path.exists(path) and not os.path.exists(path + ".meta")
+    with pytest.raises(PieceUnavailable):
+        env.node.lookup(tid, 0, "x")
+    assert [m for m in w1.ops("task_info") if m["state"] == "done"] == []
+
+
+def test_origin_connection_error_fails_task(env: Env) -> None:
+    """A request that errbacks (the origin is unreachable) fails the task with the error's
+    text and no status."""
+    s1, w1 = connect(env.node, "p1")
+    register(s1)
+    env.http.requests[0].deferred.errback(ConnectionRefusedError("connection refused"))
+    (failed,) = w1.ops("task_failed")
+    assert failed["status"] is None and "refused" in failed["reason"]
+
+
+def test_origin_timeout_cancels_request(env: Env) -> None:
+    """An origin that never answers is given up after the idle timeout: the request is
+    cancelled and the task fails."""
+    s1, w1 = connect(env.node, "p1")
+    register(s1)
+    env.clock.advance(59)
+    assert w1.ops("task_failed") == []
+    env.clock.advance(2)
+    (failed,) = w1.ops("task_failed")
+    assert "Cancelled" in failed["reason"]
+
+
+# -- peers coming and going ---------------------------------------------------------------
+
+
+def test_lost_peer_dropped_and_work_reoffered(env: Env) -> None:
+    """When a peer's connection is lost it leaves the scheduler's members and the session
+    table, and pieces it was fetching from the CDN are offered to the remaining peer."""
+    s1, w1 = connect(env.node, "p1")
+    s2, w2 = connect(env.node, "p2")
+    register(s1)
+    register(s2)
+    tid = task_id_for(URL)
+    env.http.respond(0, FakeResponse(200, [CONTENT]))
+    running_p1 = {a["piece"] for a in w1.ops("assign")}
+    assert running_p1, "p1 was given CDN pieces"
+    before = len(w2.ops("assign"))
+
+    s1.connection_lost(Failure(ConnectionDone()))
+
+    assert "p1" not in env.node.sessions
+    assert "p1" not in env.node.scheduler.tasks[tid].members
+    assert set(env.node.scheduler.tasks[tid].members) == {"p2"}
+    offered = {a["piece"] for a in w2.ops("assign")[before:] if a["source"] == CDN}
+    assert running_p1 - {a["piece"] for a in w2.ops("assign")[:before]} <= offered
+    assert offered
+
+
+def test_reconnect_replaces_old_session(env: Env) -> None:
+    """A second hello with the same peer id closes the old connection; the old session's later
+    loss does not drop the new one."""
+    old, old_wire = connect(env.node, "p1")
+    new, _ = connect(env.node, "p1")
+    assert old_wire.closed == "close"
+    assert env.node.sessions["p1"] is new
+    old.connection_lost(Failure(ConnectionDone()))
+    assert env.node.sessions["p1"] is new
+
+
+def test_register_before_hello_is_protocol_error(env: Env) -> None:
+    """A register (or done) before hello is a BadControlMessage; over a real FramedProtocol the
+    connection is aborted and no origin request is made."""
+    session = SupernodeSession(StubWire(), env.node)  # type: ignore[arg-type]
+    with pytest.raises(BadControlMessage):
+        register(session)
+    with pytest.raises(BadControlMessage):
+        session.control_received({"op": "done", "task": "0" * 64, "piece": 0, "source": CDN})
+
+    proto = FramedProtocol(env.node.make_session)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(encode_control({"op": "register", "req": 1, "url": URL}))
+    assert transport.disconnected
+    assert transport.value() == b""
+    assert env.http.requests == [] and env.node.tasks == {}
+
+
+def test_hello_and_register_over_framed_protocol(env: Env) -> None:
+    """Over a real FramedProtocol a hello gets a welcome and a register a registered frame;
+    a second hello on the same connection closes it."""
+    proto = FramedProtocol(env.node.make_session)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(
+        encode_control({"op": "hello", "peer": "p1", "port": 4000})
+        + encode_control({"op": "register", "req": 3, "url": URL})
+    )
+    frames = FrameCollector().feed(transport.value())
+    assert frames.kinds() == ["welcome", "registered"]
+    assert frames.events[1][1]["req"] == 3
+    session = env.node.sessions["p1"]
+    assert session.host == "192.168.1.1"  # StringTransport's default peer address
+    proto.dataReceived(encode_control({"op": "hello", "peer": "p1", "port": 4000}))
+    assert transport.disconnected
+
+
+def test_refused_bad_url(env: Env) -> None:
+    """A register with a URL that is not http(s) is refused (not a protocol error) and makes
+    no task."""
+    s1, w1 = connect(env.node, "p1")
+    register(s1, url="ftp://origin.example/x", req=4)
+    (refused,) = w1.ops("refused")
+    assert refused["req"] == 4 and "ftp" in refused["reason"]
+    assert env.node.tasks == {} and env.http.requests == []
+
+
+def test_filter_keys_collapse_urls(env: Env) -> None:
+    """URLs that differ only in query keys named in the register's filter are one task with
+    one origin request; without the filter they are different tasks."""
+    s1, w1 = connect(env.node, "p1")
+    s2, w2 = connect(env.node, "p2")
+    s3, w3 = connect(env.node, "p3")
+    base = "http://origin.example/f.bin?v=1&token="
+    register(s1, url=base + "aaa", filter=["token"])
+    register(s2, url=base + "bbb&sig=x", filter=["token", "sig"])
+    assert len(env.http.requests) == 1 and len(env.node.tasks) == 1
+    assert w1.ops("registered")[0]["task"] == w2.ops("registered")[0]["task"]
+    (task,) = env.node.tasks.values()
+    assert task.task_url == "http://origin.example/f.bin?v=1"
+    assert env.http.requests[0].url == base + "aaa"  # the origin gets the full URL
+
+    register(s3, url=base + "ccc")
+    assert len(env.http.requests) == 2 and len(env.node.tasks) == 2
+    assert w3.ops("registered")[0]["task"] != w1.ops("registered")[0]["task"]
+
+
+def test_md5_and_identifier_split_tasks(env: Env) -> None:
+    """The same URL registered with different expected md5s (or identifiers) makes different
+    tasks; an origin body whose md5 differs from the expected one fails its task with
+    kind IntegrityError."""
+    s1, w1 = connect(env.node, "p1")
+    register(s1, req=1, md5="0" * 32)
+    register(s1, req=2, identifier="build-42")
+    register(s1, req=3)
+    assert len(env.node.tasks) == 3 and len(env.http.requests) == 3
+    env.http.respond(0, FakeResponse(200, [b"hello"]))
+    (failed,) = w1.ops("task_failed")
+    assert failed["kind"] == "IntegrityError" and failed["task"] == task_id_for(URL, "0" * 32)
