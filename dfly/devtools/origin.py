@@ -72,6 +72,7 @@ class _PacedBody:
         self.clock = clock
         self.call: Any = None
         self.done = False
+        self.next_at = clock.seconds()
         request.registerProducer(self, True)
         request.notifyFinish().addBoth(lambda _: self._close())
         self.resumeProducing()
@@ -88,9 +89,14 @@ class _PacedBody:
             return
         self.stats["bytes"][self.name] = self.stats["bytes"].get(self.name, 0) + len(data)
         self.stats["total_bytes"] += len(data)
+        self.next_at = max(self.next_at + self.interval, self.clock.seconds())
         self.request.write(data)
+        self._schedule()
+
+    def _schedule(self) -> None:
         if not self.done and self.call is None and not self.paused:
-            self.call = self.clock.callLater(self.interval, self._tick)
+            delay = max(0.0, self.next_at - self.clock.seconds())
+            self.call = self.clock.callLater(delay, self._tick)
 
     paused = False
 
@@ -102,8 +108,7 @@ class _PacedBody:
 
     def resumeProducing(self) -> None:
         self.paused = False
-        if self.call is None and not self.done:
-            self.call = self.clock.callLater(0, self._tick)
+        self._schedule()
 
     def stopProducing(self) -> None:
         self._close()

@@ -7,8 +7,11 @@ reports every outcome at once, and serves held pieces to other peers through
 its upload server until the task expires.
 
 A download is done when every piece is held and the md5 of the assembled file
-(computed off the reactor thread) equals the supernode's file md5, and the
-user's md5 if one was given.  Until then no result is handed out.
+equals the supernode's file md5, and the user's md5 if one was given.  Until
+then no result is handed out.  The file md5 is taken as the download goes: each
+time the run of held pieces from the start of the file grows, that run is read
+back (from the page cache, in a worker thread, one run at a time) into the
+task's md5, so at the end only the last pieces remain to be hashed.
 """
 
 from __future__ import annotations
@@ -77,18 +80,17 @@ class DownloadResult:
     seconds: float
 
 
-def md5_file(path: str, length: int) -> str:
-    """md5 of the first C{length} bytes of C{path} (run in a thread)."""
-    h = hashlib.md5()
+def hash_range(path: str, offset: int, length: int, md5: Any) -> None:
+    """Feed C{length} bytes of C{path} from C{offset} into C{md5} (run in a thread)."""
     with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
         left = length
         while left > 0:
             chunk = f.read(min(left, 1 << 20))
             if not chunk:
-                break
-            h.update(chunk)
+                raise IntegrityError(f"{path} is shorter than expected")
+            md5.update(chunk)
             left -= len(chunk)
-    return h.hexdigest()
 
 
 class Download:
@@ -112,6 +114,9 @@ class Download:
         self.listeners: list[Progress] = []
         self.req_id: int | None = None
         self.link_timer: Any = None
+        self.md5 = hashlib.md5()
+        self.hashed = 0  # pieces [0, hashed) are in self.md5
+        self.hashing = False
 
     @property
     def store(self) -> Any:
@@ -146,7 +151,7 @@ class PeerNode:
         expire: float = 600.0,
         stall_timeout: float = 30.0,
         link_timeout: float = 10.0,
-        hasher: Callable[[str, int], Deferred[str]] | None = None,
+        hasher: Callable[[str, int, int, Any], Deferred[None]] | None = None,
     ) -> None:
         self.reactor = reactor
         self.clock: Callable[[], float] = reactor.seconds
@@ -162,7 +167,7 @@ class PeerNode:
         self.upload_port = 0
         self._req = 0
         self._by_req: dict[int, Download] = {}
-        self._hasher = hasher or self._hash_in_thread
+        self._hash_range = hasher or self._hash_in_thread
         self._expiry: Any = None
 
     # -- lifecycle -----------------------------------------------------------
@@ -375,13 +380,37 @@ class PeerNode:
         received = dl.received()
         for listener in list(dl.listeners):
             listener(received, dl.length)
+        self._advance_hash(dl)
         self._check_complete(dl)
 
     # -- completion ------------------------------------------------------------
+    def _advance_hash(self, dl: Download) -> None:
+        """Hash the next run of held pieces, if there is one and no run is being hashed."""
+        store = dl.store
+        if dl.hashing or store is None or dl.state not in ("registered", "verifying"):
+            return
+        end = dl.hashed
+        while end in store.have:
+            end += 1
+        if end == dl.hashed:
+            return
+        start = dl.hashed
+        length = sum(store.have[p] for p in range(start, end))
+        dl.hashing = True
+        d = self._hash_range(store.data_path, store.data_offset(start), length, dl.md5)
+
+        def hashed(_: Any) -> None:
+            dl.hashing = False
+            dl.hashed = end
+            self._advance_hash(dl)
+            self._check_complete(dl)
+
+        d.addCallbacks(hashed, self._verify_error, errbackArgs=(dl,))
+
     def _check_complete(self, dl: Download) -> None:
         store = dl.store
         if (
-            dl.state != "registered"
+            dl.state not in ("registered", "verifying")
             or store is None
             or dl.piece_count is None
             or dl.file_md5 is None
@@ -389,12 +418,15 @@ class PeerNode:
             or len(store.have) < dl.piece_count
         ):
             return
-        dl.state = "verifying"
-        if store.size() != dl.length:
-            self._fail(dl, IntegrityError(f"assembled {store.size()} bytes, expected {dl.length}"))
+        if dl.state == "registered":
+            dl.state = "verifying"
+            if store.size() != dl.length:
+                self._fail(dl, IntegrityError(f"assembled {store.size()} bytes, expected {dl.length}"))
+                return
+        if dl.hashing or dl.hashed < dl.piece_count:
+            self._advance_hash(dl)
             return
-        d = self._hasher(store.data_path, dl.length)
-        d.addCallbacks(self._verified, self._verify_error, callbackArgs=(dl,), errbackArgs=(dl,))
+        self._verified(dl.md5.hexdigest(), dl)
 
     def _verified(self, md5: str, dl: Download) -> None:
         if dl.state != "verifying":
@@ -422,10 +454,10 @@ class PeerNode:
     def _verify_error(self, f: Failure, dl: Download) -> None:
         self._fail(dl, IntegrityError(f"cannot verify the assembled file: {f.getErrorMessage()}"))
 
-    def _hash_in_thread(self, path: str, length: int) -> Deferred[str]:
+    def _hash_in_thread(self, path: str, offset: int, length: int, md5: Any) -> Deferred[None]:
         from twisted.internet.threads import deferToThreadPool
 
-        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), md5_file, path, length)
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), hash_range, path, offset, length, md5)
 
     def _fail(self, dl: Download, error: Exception, leave: bool = True) -> None:
         if dl.state == "failed":
