@@ -95,6 +95,8 @@ class Swarm:
 
     def start_origin(self, directory: str, *extra: str) -> int:
         ready = os.path.join(self.root, "origin.port")
+        if os.path.exists(ready):
+            os.unlink(ready)
         proc = self._spawn(
             "origin",
             [sys.executable, "-m", "dfly.devtools.origin", "--dir", directory, "--port-file", ready, *extra],

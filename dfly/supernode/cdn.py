@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -137,8 +138,10 @@ class Cdn:
             task.error, task.status = str(err), err.status
         elif reason.check(IntegrityError):
             task.error = str(err)
+        elif reason.check(CancelledError):
+            task.error = f"origin {task.url} did not answer within {self._idle_timeout:g} s"
         else:
-            task.error = _describe(reason)
+            task.error = f"cannot fetch {task.url}: {_describe(reason)}"
         task.error_kind = "IntegrityError" if reason.check(IntegrityError) else "OriginError"
         self._log.warn("task {task_id} failed: {error}", task_id=task.task_id, error=task.error)
         task.state = "failed"
