@@ -31,6 +31,7 @@ from dfly.errors import (
     NoSupernode,
     OriginError,
     ProtocolError,
+    StorageError,
 )
 from dfly.urls import check_url, origin_headers, parse_header_lines
 
@@ -45,10 +46,10 @@ EXIT_NO_SUPERNODE = 7
 
 _KIND_EXIT = {
     "OriginError": EXIT_ORIGIN,
-    "TaskFailed": EXIT_ORIGIN,
     "IntegrityError": EXIT_INTEGRITY,
     "DownloadTimeout": EXIT_TIMEOUT,
     "NoSupernode": EXIT_NO_SUPERNODE,
+    "StorageError": EXIT_OUTPUT,
 }
 
 
@@ -247,6 +248,7 @@ def _raise_kind(msg: dict[str, Any]) -> None:
         "OriginError": OriginError,
         "NoSupernode": NoSupernode,
         "IntegrityError": IntegrityError,
+        "StorageError": StorageError,
     }.get(str(kind), DflyError)
     if cls is OriginError:
         raise OriginError(reason, msg.get("status"))

@@ -49,6 +49,10 @@ class TaskFailed(DflyError):
     """The supernode gave up on a task; the message says why."""
 
 
+class StorageError(DflyError):
+    """Local storage failed (disk full, unwritable): not the fault of any peer or origin."""
+
+
 class IntegrityError(DflyError):
     """Assembled bytes do not match the expected digest."""
 

@@ -369,7 +369,7 @@ def test_dfget_main_usage_exit(capsys: pytest.CaptureFixture[str]) -> None:
     "error, code",
     [
         (OriginError("404", 404), 3),
-        (TaskFailed("gave up"), 3),
+        (TaskFailed("gave up"), 1),
         (IntegrityError("bad md5"), 4),
         (DownloadTimeout("slow"), 5),
         (OSError("disk full"), 6),

@@ -349,7 +349,7 @@ def test_origin_timeout_cancels_request(env: Env) -> None:
     assert w1.ops("task_failed") == []
     env.clock.advance(2)
     (failed,) = w1.ops("task_failed")
-    assert "Cancelled" in failed["reason"]
+    assert "did not answer within 60 s" in failed["reason"]
 
 
 # -- peers coming and going ---------------------------------------------------------------

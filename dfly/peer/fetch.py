@@ -47,6 +47,7 @@ class PieceRequest:
         self.stale = False
         self.received = 0
         self.finished = False
+        self.local_error: str | None = None
 
     def finish(self, error: str | None) -> None:
         if self.finished:
@@ -113,8 +114,12 @@ class FetchSession:
     def slice_data(self, data: memoryview) -> None:
         req = self.current
         assert req is not None
-        if not req.stale:
-            req.task.write(req.piece, req.received, data)
+        if not req.stale and req.local_error is None:
+            try:
+                req.task.write(req.piece, req.received, data)
+            except OSError as e:
+                # Our disk, not the source, failed: remember it and keep draining the slice.
+                req.local_error = f"cannot write piece {req.piece}: {e.strerror or e}"
         req.received += len(data)
         if self.timer is not None:
             self.timer.reset(self.pool.stall_timeout)
@@ -123,7 +128,7 @@ class FetchSession:
         req = self.sent.popleft()
         self.current = None
         self._arm()
-        req.finish(None)
+        req.finish(req.local_error)
 
     def protocol_error(self, error: ProtocolError) -> None:
         self.error = str(error)

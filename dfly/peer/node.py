@@ -33,6 +33,8 @@ from dfly.errors import (
     IntegrityError,
     NoSupernode,
     OriginError,
+    StorageError,
+    TaskFailed,
 )
 from dfly.peer.fetch import PieceRequest, SourcePool
 from dfly.peer.link import SupernodeLink
@@ -309,7 +311,11 @@ class PeerNode:
                 dl.piece_size = check_piece_size(piece_size)
             except ValueError as e:
                 raise BadControlMessage(str(e)) from None
-            self.store.open(dl.task_id, dl.piece_size, self.clock())
+            try:
+                self.store.open(dl.task_id, dl.piece_size, self.clock())
+            except OSError as e:
+                self._fail(dl, StorageError(f"cannot create the task's store: {e.strerror or e}"))
+                return
         length = get_opt_int(msg, "length")
         if length is not None:
             dl.length = length
@@ -364,6 +370,9 @@ class PeerNode:
         if dl.state != "registered":
             return
         report = {"task": dl.task_id, "piece": req.piece, "source": source_id}
+        if req.local_error is not None:
+            self._fail(dl, StorageError(req.local_error))
+            return
         if error is not None:
             self._log.warn(
                 "piece {piece} of {task_id} from {source} failed: {error}",
@@ -505,8 +514,11 @@ class PeerNode:
 def task_error(msg: dict[str, Any]) -> DflyError:
     """The error a C{task_failed} (or a failed C{task_info}) stands for."""
     reason = get_opt_str(msg, "reason", 2048) or "the supernode could not fetch the file"
-    if get_opt_str(msg, "kind", 64) == "IntegrityError":
+    kind = get_opt_str(msg, "kind", 64)
+    if kind == "IntegrityError":
         return IntegrityError(reason)
+    if kind == "StorageError":
+        return TaskFailed(f"supernode: {reason}")
     return OriginError(reason, get_opt_int(msg, "status", 0, 999))
 
 

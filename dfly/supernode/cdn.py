@@ -32,7 +32,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from dfly.errors import IntegrityError, OriginError
+from dfly.errors import IntegrityError, OriginError, StorageError
 from dfly.pieces import OVERHEAD, TAIL, SliceHeader, default_piece_size
 
 _RESPONSE_DONE = Failure(ResponseDone())
@@ -103,9 +103,13 @@ class Cdn:
         """Begin fetching C{task} from its origin."""
         task.state = "running"
         task.path = self.cache_path(task.task_id)
-        os.makedirs(os.path.dirname(task.path), exist_ok=True)
         task.close()
-        task.fd = os.open(task.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.makedirs(os.path.dirname(task.path), exist_ok=True)
+            task.fd = os.open(task.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as e:
+            self._failed(Failure(StorageError(f"cannot create the cache file: {e.strerror or e}")), task)
+            return
         self._log.info("fetching {url} for task {task_id}", url=task.url, task_id=task.task_id)
         d = self._http.request("GET", task.url, headers=task.headers, unbuffered=True)
         timer = self._reactor.callLater(self._idle_timeout, d.cancel)
@@ -136,13 +140,13 @@ class Cdn:
         err: Any = reason.value
         if reason.check(OriginError):
             task.error, task.status = str(err), err.status
-        elif reason.check(IntegrityError):
+        elif reason.check(IntegrityError, StorageError):
             task.error = str(err)
         elif reason.check(CancelledError):
             task.error = f"origin {task.url} did not answer within {self._idle_timeout:g} s"
         else:
             task.error = f"cannot fetch {task.url}: {_describe(reason)}"
-        task.error_kind = "IntegrityError" if reason.check(IntegrityError) else "OriginError"
+        task.error_kind = type(err).__name__ if reason.check(IntegrityError, StorageError) else "OriginError"
         self._log.warn("task {task_id} failed: {error}", task_id=task.task_id, error=task.error)
         task.state = "failed"
         task.close()
@@ -171,9 +175,16 @@ class Cdn:
             "file_md5": raw_md5,
         }
         tmp = task.path + ".meta.tmp"
-        with open(tmp, "w") as f:
-            json.dump(meta, f)
-        os.replace(tmp, task.path + ".meta")
+        try:
+            with open(tmp, "w") as f:
+                json.dump(meta, f)
+            os.replace(tmp, task.path + ".meta")
+        except OSError as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise StorageError(f"cannot write the cache metadata: {e.strerror or e}") from None
         self._log.info(
             "task {task_id} cached: {length} bytes in {count} pieces, md5 {md5}",
             task_id=task.task_id,
@@ -223,7 +234,11 @@ class Slicer(Protocol):
 
     def _stalled(self) -> None:
         self._timer = None
-        self._error = OriginError(f"origin sent nothing for {self._idle_timeout:g} s")
+        self._abort(OriginError(f"origin sent nothing for {self._idle_timeout:g} s"))
+
+    def _abort(self, error: Exception) -> None:
+        """Stop reading the origin; connectionLost then fails the task with C{error}."""
+        self._error = error
         transport: Any = self.transport
         if transport is not None:
             transport.stopProducing()
@@ -236,22 +251,23 @@ class Slicer(Protocol):
         task = self._task
         task.source_bytes += len(data)
         if task.length is not None and task.source_bytes > task.length:
-            self._error = OriginError(f"origin sent more than its Content-Length {task.length}")
-            transport: Any = self.transport
-            transport.stopProducing()
+            self._abort(OriginError(f"origin sent more than its Content-Length {task.length}"))
             return
         self._file_md5.update(data)
         view = memoryview(data)
         pos = 0
-        while pos < len(view):
-            take = min(self._cap - self._fill, len(view) - pos)
-            chunk = view[pos : pos + take]
-            os.pwrite(self._fd, chunk, self._piece * self._p + 4 + self._fill)
-            self._piece_md5.update(chunk)
-            self._fill += take
-            pos += take
-            if self._fill == self._cap:
-                self._close_piece(self._full_header, self._piece_md5)
+        try:
+            while pos < len(view):
+                take = min(self._cap - self._fill, len(view) - pos)
+                chunk = view[pos : pos + take]
+                os.pwrite(self._fd, chunk, self._piece * self._p + 4 + self._fill)
+                self._piece_md5.update(chunk)
+                self._fill += take
+                pos += take
+                if self._fill == self._cap:
+                    self._close_piece(self._full_header, self._piece_md5)
+        except OSError as e:
+            self._abort(StorageError(f"cannot write the cache: {e.strerror or e}"))
 
     def _close_piece(self, header: bytes, md5: Any) -> None:
         n, base = self._piece, self._piece * self._p
@@ -284,13 +300,17 @@ class Slicer(Protocol):
                 )
             if task.length is None:
                 task.length = task.source_bytes
-            if self._fill or self._piece == 0:
-                header = SliceHeader(self._fill, self._p).encode()
-                # The last piece is short: hash it again with its real header.
-                data = os.pread(self._fd, self._fill, self._piece * self._p + 4)
-                self._close_piece(header, hashlib.md5(header + data))
-            task.piece_count = self._piece
-            os.ftruncate(self._fd, (self._piece - 1) * self._p + task.piece_len[self._piece - 1] + OVERHEAD)
+            try:
+                if self._fill or self._piece == 0:
+                    header = SliceHeader(self._fill, self._p).encode()
+                    # The last piece is short: hash it again with its real header.
+                    data = os.pread(self._fd, self._fill, self._piece * self._p + 4)
+                    self._close_piece(header, hashlib.md5(header + data))
+                task.piece_count = self._piece
+                last = self._piece - 1
+                os.ftruncate(self._fd, last * self._p + task.piece_len[last] + OVERHEAD)
+            except OSError as e:
+                raise StorageError(f"cannot write the cache: {e.strerror or e}") from None
             self._cdn.finished(task, self._file_md5.hexdigest())
         except Exception:
             self.finished.errback()
