@@ -18,87 +18,93 @@ from typing import Any
 
 from twisted.internet.interfaces import IPullProducer, IPushProducer
 from twisted.python import usage
+from twisted.web.http import CACHED
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
-from zope.interface import implementer
+from zope.interface import alsoProvides
 
 CHUNK = 256 * 1024
 
 
-@implementer(IPullProducer)
 class _Body:
-    def __init__(self, request: Request, path: str, stats: dict[str, Any], name: str) -> None:
+    """Streams C{length} bytes of a file from C{offset}; optionally paced or faulty.
+
+    Unpaced, it is a pull producer (a chunk whenever the transport wants one); paced, a
+    push producer that writes a chunk every interval and stops while the client is slow.
+    C{fault} "reset" aborts the connection half way, "short" closes it half way (the
+    client sees a body shorter than Content-Length).
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        path: str,
+        stats: dict[str, Any],
+        name: str,
+        offset: int,
+        length: int,
+        rate: float | None,
+        clock: Any,
+        fault: str | None = None,
+    ) -> None:
         self.request = request
         self.f = open(path, "rb")
+        self.f.seek(offset)
+        self.left = length
+        self.cut = length // 2 if fault in ("reset", "short") else None
+        self.fault = fault
         self.stats = stats
         self.name = name
+        self.clock = clock
+        self.rate = rate
+        self.chunk = max(1024, min(CHUNK, int(rate / 20))) if rate else CHUNK
+        self.interval = self.chunk / rate if rate else 0.0
+        self.next_at = clock.seconds() if clock else 0.0
+        self.call: Any = None
+        self.paused = False
         self.done = False
-        request.registerProducer(self, False)
         request.notifyFinish().addBoth(lambda _: self._close())
+        if rate:
+            alsoProvides(self, IPushProducer)
+            request.registerProducer(self, True)
+            self._schedule()
+        else:
+            alsoProvides(self, IPullProducer)
+            request.registerProducer(self, False)
 
-    def resumeProducing(self) -> None:
+    def _send(self) -> None:
         if self.done:
             return
-        data = self.f.read(CHUNK)
+        if self.cut is not None and self.left <= self.cut:
+            self._close()
+            transport: Any = self.request.channel.transport
+            if self.fault == "reset":
+                transport.abortConnection()
+            else:
+                transport.loseConnection()
+            return
+        data = self.f.read(min(self.chunk, self.left))
         if not data:
             self._close()
             self.request.unregisterProducer()
             self.request.finish()
             return
+        self.left -= len(data)
         self.stats["bytes"][self.name] = self.stats["bytes"].get(self.name, 0) + len(data)
         self.stats["total_bytes"] += len(data)
         self.request.write(data)
-
-    def stopProducing(self) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        if not self.done:
-            self.done = True
-            self.f.close()
-
-
-@implementer(IPushProducer)
-class _PacedBody:
-    """Sends a file at C{rate} bytes per second, pausing when the client does not read."""
-
-    def __init__(self, request: Request, path: str, stats: dict[str, Any], name: str, rate: float, clock: Any) -> None:
-        self.request = request
-        self.f = open(path, "rb")
-        self.stats = stats
-        self.name = name
-        self.chunk = max(1024, min(CHUNK, int(rate / 20)))
-        self.interval = self.chunk / rate
-        self.clock = clock
-        self.call: Any = None
-        self.done = False
-        self.next_at = clock.seconds()
-        request.registerProducer(self, True)
-        request.notifyFinish().addBoth(lambda _: self._close())
-        self.resumeProducing()
+        if self.rate:
+            self.next_at = max(self.next_at + self.interval, self.clock.seconds())
+            self._schedule()
 
     def _tick(self) -> None:
         self.call = None
-        if self.done:
-            return
-        data = self.f.read(self.chunk)
-        if not data:
-            self._close()
-            self.request.unregisterProducer()
-            self.request.finish()
-            return
-        self.stats["bytes"][self.name] = self.stats["bytes"].get(self.name, 0) + len(data)
-        self.stats["total_bytes"] += len(data)
-        self.next_at = max(self.next_at + self.interval, self.clock.seconds())
-        self.request.write(data)
-        self._schedule()
+        self._send()
 
     def _schedule(self) -> None:
         if not self.done and self.call is None and not self.paused:
             delay = max(0.0, self.next_at - self.clock.seconds())
             self.call = self.clock.callLater(delay, self._tick)
-
-    paused = False
 
     def pauseProducing(self) -> None:
         self.paused = True
@@ -107,8 +113,11 @@ class _PacedBody:
             self.call = None
 
     def resumeProducing(self) -> None:
-        self.paused = False
-        self._schedule()
+        if self.rate:
+            self.paused = False
+            self._schedule()
+        else:
+            self._send()
 
     def stopProducing(self) -> None:
         self._close()
@@ -133,7 +142,28 @@ def parse_rate(text: str) -> float:
     return number * factor
 
 
+def _range(header: bytes | None, size: int) -> tuple[int, int] | None:
+    """(offset, length) for a single C{bytes=a-b} / C{bytes=a-} range, else None."""
+    if not header or not header.startswith(b"bytes="):
+        return None
+    spec = header[6:].decode("ascii", "replace")
+    first, sep, last = spec.partition("-")
+    if not sep or "," in spec or not first.isdigit() or (last and not last.isdigit()):
+        return None
+    a = int(first)
+    b = min(int(last), size - 1) if last else size - 1
+    if a > b:
+        return None
+    return a, b - a + 1
+
+
 class Origin(Resource):
+    """Serves files with ETag, Last-Modified, conditional GET and single ranges.
+
+    Paths: C{/NAME}; C{/chunked/NAME} (no Content-Length); C{/fault/MODE/NAME} with MODE
+    one of 500, 503, stall (headers, then silence), reset, short; C{/_stats}.
+    """
+
     isLeaf = True
 
     def __init__(self, directory: str, rate: float | None = None, clock: Any = None) -> None:
@@ -141,30 +171,61 @@ class Origin(Resource):
         self.directory = os.path.abspath(directory)
         self.rate = rate
         self.clock = clock
-        self.stats: dict[str, Any] = {"bytes": {}, "requests": {}, "total_bytes": 0}
+        self.stats: dict[str, Any] = {"bytes": {}, "requests": {}, "total_bytes": 0, "statuses": {}}
 
     def render_GET(self, request: Request) -> Any:
         parts = [p.decode("utf-8", "replace") for p in request.postpath or []]
         if parts == ["_stats"]:
             request.setHeader(b"content-type", b"application/json")
             return json.dumps(self.stats).encode()
-        chunked = bool(parts) and parts[0] == "chunked"
-        if chunked:
-            parts = parts[1:]
+        chunked = fault = None
+        if parts and parts[0] == "chunked":
+            chunked, parts = True, parts[1:]
+        elif len(parts) > 1 and parts[0] == "fault":
+            fault, parts = parts[1], parts[2:]
         name = "/".join(parts)
         path = os.path.normpath(os.path.join(self.directory, name))
         if not name or not path.startswith(self.directory + os.sep) or not os.path.isfile(path):
-            request.setResponseCode(404)
-            return b"not found\n"
+            return self._status(request, name, 404, b"not found\n")
         self.stats["requests"][name] = self.stats["requests"].get(name, 0) + 1
+        if fault in ("500", "503"):
+            return self._status(request, name, int(fault), b"origin fault\n")
+        st = os.stat(path)
+        etag = f'"{st.st_size:x}-{st.st_mtime_ns:x}"'.encode()
+        request.setHeader(b"etag", etag)
+        inm = request.getHeader(b"if-none-match")
+        # setLastModified answers CACHED (and sets 304) when If-Modified-Since says so.
+        cached = request.setLastModified(st.st_mtime) == CACHED
+        if inm == etag or (inm is None and cached):
+            return self._status(request, name, 304, b"")
+        request.setResponseCode(200)
         request.setHeader(b"content-type", b"application/octet-stream")
+        request.setHeader(b"accept-ranges", b"bytes")
+        offset, length = 0, st.st_size
+        wanted = _range(request.getHeader(b"range"), st.st_size)
+        if_range = request.getHeader(b"if-range")
+        if wanted is not None and (if_range is None or if_range == etag) and not chunked:
+            offset, length = wanted
+            request.setResponseCode(206)
+            request.setHeader(b"content-range", f"bytes {offset}-{offset + length - 1}/{st.st_size}".encode())
+        self._count(name, request.code)
+        if fault == "stall":
+            request.setHeader(b"content-length", str(length).encode())
+            request.write(b"")
+            return NOT_DONE_YET
         if not chunked:
-            request.setHeader(b"content-length", str(os.path.getsize(path)).encode())
-        if self.rate:
-            _PacedBody(request, path, self.stats, name, self.rate, self.clock)
-        else:
-            _Body(request, path, self.stats, name)
+            request.setHeader(b"content-length", str(length).encode())
+        _Body(request, path, self.stats, name, offset, length, self.rate, self.clock, fault)
         return NOT_DONE_YET
+
+    def _count(self, name: str, code: int) -> None:
+        key = f"{name} {code}"
+        self.stats["statuses"][key] = self.stats["statuses"].get(key, 0) + 1
+
+    def _status(self, request: Request, name: str, code: int, body: bytes) -> bytes:
+        request.setResponseCode(code)
+        self._count(name, code)
+        return body
 
 
 class Options(usage.Options):

@@ -119,6 +119,8 @@ class Download:
         self.md5 = hashlib.md5()
         self.hashed = 0  # pieces [0, hashed) are in self.md5
         self.hashing = False
+        self.generation: str | None = None
+        self.epoch = 0  # bumped when the content version changes; late callbacks check it
 
     @property
     def store(self) -> Any:
@@ -260,6 +262,7 @@ class PeerNode:
             "md5": dl.request.md5,
             "identifier": dl.request.identifier,
             "have": encode_ranges(set(store.have)) if store is not None else "",
+            "generation": dl.generation,
         }
         if not self.link.send(msg) and dl.link_timer is None and dl.state == "waiting":
             dl.link_timer = self.reactor.callLater(self.link_timeout, self._no_link, dl)
@@ -297,14 +300,46 @@ class PeerNode:
                 self._fail(dl, task_error(msg), leave=False)
         elif op == "assign":
             self._assign(dl, msg)
+        elif op == "task_reset":
+            if dl is not None:
+                self._log.info("task {task_id} changed at the origin; starting over", task_id=task_id)
+                self._reset(dl)
+                if self.downloads.get(task_id) is dl:
+                    self._register(dl)
         else:
             raise BadControlMessage(f"unknown op {op!r} from the supernode")
+
+    def _reset(self, dl: Download) -> None:
+        """Forget everything held for C{dl}: the content it belongs to is gone."""
+        for req in dl.running.values():
+            req.stale = True
+        dl.running.clear()
+        self.store.remove(dl.task_id)
+        if dl.state == "done":
+            if self.downloads.get(dl.task_id) is dl:
+                del self.downloads[dl.task_id]
+            return
+        dl.epoch += 1
+        dl.piece_size = dl.length = dl.piece_count = None
+        dl.file_md5 = dl.generation = None
+        dl.md5, dl.hashed, dl.hashing = hashlib.md5(), 0, False
+        dl.from_cdn = dl.from_peers = 0
+        if dl.state == "verifying":
+            dl.state = "registered"
 
     def _task_info(self, dl: Download, msg: dict[str, Any]) -> None:
         state = get_opt_str(msg, "state", 32)
         if state == "failed":
             self._fail(dl, task_error(msg), leave=False)
             return
+        generation = get_opt_str(msg, "generation", 64)
+        if generation is not None and dl.generation not in (None, generation):
+            self._log.info("task {task_id} is a new version; dropping what was held", task_id=dl.task_id)
+            self._reset(dl)
+            if self.downloads.get(dl.task_id) is not dl:
+                return
+        if generation is not None:
+            dl.generation = generation
         piece_size = get_opt_int(msg, "piece_size", 1, 1 << 30)
         if piece_size is not None and dl.piece_size is None:
             try:
@@ -406,15 +441,22 @@ class PeerNode:
         start = dl.hashed
         length = sum(store.have[p] for p in range(start, end))
         dl.hashing = True
+        epoch = dl.epoch
         d = self._hash_range(store.data_path, store.data_offset(start), length, dl.md5)
 
         def hashed(_: Any) -> None:
+            if dl.epoch != epoch:
+                return
             dl.hashing = False
             dl.hashed = end
             self._advance_hash(dl)
             self._check_complete(dl)
 
-        d.addCallbacks(hashed, self._verify_error, errbackArgs=(dl,))
+        def failed(f: Failure) -> None:
+            if dl.epoch == epoch:
+                self._verify_error(f, dl)
+
+        d.addCallbacks(hashed, failed)
 
     def _check_complete(self, dl: Download) -> None:
         store = dl.store

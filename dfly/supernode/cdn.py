@@ -10,26 +10,40 @@ header is known at end of body, so its md5 is taken by reading that one slice
 back.  The md5 of the raw file is kept as the data passes, in order.
 
 A body shorter or longer than Content-Length, a reset, a stall longer than
-C{idle_timeout} or an HTTP status other than 200 fails the task: the cache
-file is removed and C{on_fail} fires, so nothing half-written is ever served.
+C{idle_timeout}, a full disk or an HTTP status other than 200 fails the task:
+the cache file is removed and C{on_fail} fires, so nothing half-written is
+ever served.
+
+Persistence: C{<id>.meta} is written when the headers arrive (unfinished) and
+again at the end (finished, with every piece md5).  After a restart finished
+tasks are served from the cache once revalidated against the origin (ETag /
+Last-Modified); an unfinished one is resumed: its slices are checked from the
+start (header, tail, length), and the fetch continues with a Range request
+from the first bad piece when the origin still has the same version, or starts
+over otherwise.  A task's I{generation} names the version of the content: it
+is derived from the validators when there are any, so two supernodes (or one
+after a restart) agree on it, and peers keep pieces only of their generation.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from dfly.errors import IntegrityError, OriginError, StorageError
@@ -47,13 +61,17 @@ class CdnTask:
     task_url: str
     headers: dict[bytes, list[bytes]]
     expected_md5: str | None = None
-    state: str = "waiting"  # waiting -> running -> done | failed
+    state: str = "waiting"  # waiting -> running -> done | failed; "partial" after a restart
     length: int | None = None
     piece_size: int | None = None
     piece_md5: dict[int, str] = field(default_factory=dict)
     piece_len: dict[int, int] = field(default_factory=dict)
     piece_count: int | None = None
     file_md5: str | None = None
+    etag: str | None = None
+    last_modified: str | None = None
+    generation: str | None = None
+    validated_at: float = 0.0
     source_bytes: int = 0
     served_bytes: int = 0
     error: str | None = None
@@ -67,6 +85,29 @@ class CdnTask:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+    def reset_pieces(self) -> None:
+        self.piece_md5.clear()
+        self.piece_len.clear()
+        self.piece_count = None
+        self.file_md5 = None
+
+
+@dataclass
+class _Resume:
+    """What a scan of an unfinished cache file found intact."""
+
+    pieces: int
+    md5: Any
+    piece_md5: dict[int, str]
+
+
+def generation_for(length: int | None, etag: str | None, last_modified: str | None, piece_size: int) -> str:
+    """The content version: stable for the same validators, unique when there are none."""
+    if not etag and not last_modified:
+        return uuid.uuid4().hex[:16]
+    key = f"{length}|{etag}|{last_modified}|{piece_size}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 class Cdn:
@@ -99,22 +140,43 @@ class Cdn:
     def cache_path(self, task_id: str) -> str:
         return os.path.join(self._home, "cdn", task_id[:3], task_id)
 
+    # -- fetching --------------------------------------------------------------
     def start(self, task: CdnTask) -> None:
-        """Begin fetching C{task} from its origin."""
+        """Fetch C{task} from its origin, resuming an unfinished cache file if it is intact."""
+        resume = None
+        if task.state == "partial":
+            resume = self._scan(task)
         task.state = "running"
+        task.error = task.error_kind = None
+        task.status = None
         task.path = self.cache_path(task.task_id)
         task.close()
         try:
             os.makedirs(os.path.dirname(task.path), exist_ok=True)
-            task.fd = os.open(task.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            flags = os.O_RDWR | os.O_CREAT | (0 if resume else os.O_TRUNC)
+            task.fd = os.open(task.path, flags, 0o644)
         except OSError as e:
             self._failed(Failure(StorageError(f"cannot create the cache file: {e.strerror or e}")), task)
             return
-        self._log.info("fetching {url} for task {task_id}", url=task.url, task_id=task.task_id)
-        d = self._http.request("GET", task.url, headers=task.headers, unbuffered=True)
+        headers = {k: list(v) for k, v in task.headers.items()}
+        if resume is not None and resume.pieces:
+            assert task.piece_size is not None
+            start = resume.pieces * (task.piece_size - OVERHEAD)
+            headers[b"Range"] = [f"bytes={start}-".encode()]
+            validator = task.etag or task.last_modified
+            if validator:
+                headers[b"If-Range"] = [validator.encode("latin-1")]
+            self._log.info(
+                "resuming {url} for task {task_id} at piece {piece}",
+                url=task.url, task_id=task.task_id, piece=resume.pieces,
+            )
+        else:
+            resume = None
+            self._log.info("fetching {url} for task {task_id}", url=task.url, task_id=task.task_id)
+        d = self._http.request("GET", task.url, headers=headers, unbuffered=True)
         timer = self._reactor.callLater(self._idle_timeout, d.cancel)
         d.addBoth(self._cancel_timer, timer)
-        d.addCallback(self._got_response, task)
+        d.addCallback(self._got_response, task, resume)
         d.addErrback(self._failed, task)
 
     @staticmethod
@@ -123,14 +185,37 @@ class Cdn:
             timer.cancel()
         return result
 
-    def _got_response(self, response: Any, task: CdnTask) -> Any:
+    def _got_response(self, response: Any, task: CdnTask, resume: _Resume | None) -> Any:
+        if resume is not None and response.code == 206:
+            first = _content_range_start(response.headers)
+            assert task.piece_size is not None
+            if first == resume.pieces * (task.piece_size - OVERHEAD):
+                task.piece_md5 = dict(resume.piece_md5)
+                task.piece_len = {n: task.piece_size - OVERHEAD for n in range(resume.pieces)}
+                slicer = Slicer(self, task, self._reactor, self._idle_timeout, resume)
+                for n in range(resume.pieces):
+                    self.piece_ready(task, n)
+                response.deliverBody(slicer)
+                return slicer.finished
+            response.deliverBody(_Discard())
+            raise OriginError(f"origin answered a range from byte {first} instead of the one asked for")
         if response.code != 200:
             phrase = response.phrase.decode("latin-1", "replace") if response.phrase else ""
             response.deliverBody(_Discard())
             raise OriginError(f"origin answered {response.code} {phrase}".strip(), response.code)
+        if resume is not None:
+            self._log.info("origin has a new version of {url}; starting over", url=task.url)
+            assert task.fd is not None
+            os.ftruncate(task.fd, 0)
+        task.reset_pieces()
         length = None if response.length is UNKNOWN_LENGTH else int(response.length)
         task.length = length
+        task.etag = _header(response.headers, b"etag")
+        task.last_modified = _header(response.headers, b"last-modified")
         task.piece_size = self._piece_size or default_piece_size(length)
+        task.generation = generation_for(length, task.etag, task.last_modified, task.piece_size)
+        task.validated_at = self._reactor.seconds()
+        self.write_meta(task, finished=False)
         self._on_headers(task)
         slicer = Slicer(self, task, self._reactor, self._idle_timeout)
         response.deliverBody(slicer)
@@ -149,13 +234,17 @@ class Cdn:
         task.error_kind = type(err).__name__ if reason.check(IntegrityError, StorageError) else "OriginError"
         self._log.warn("task {task_id} failed: {error}", task_id=task.task_id, error=task.error)
         task.state = "failed"
+        self.discard(task)
+        self._on_fail(task)
+
+    def discard(self, task: CdnTask) -> None:
+        """Close and delete a task's cache file and metadata."""
         task.close()
-        for suffix in ("", ".meta"):
+        for suffix in ("", ".meta", ".meta.tmp"):
             try:
-                os.unlink(task.path + suffix)
+                os.unlink(self.cache_path(task.task_id) + suffix)
             except OSError:
                 pass
-        self._on_fail(task)
 
     def piece_ready(self, task: CdnTask, piece: int) -> None:
         self._on_piece(task, piece)
@@ -165,26 +254,7 @@ class Cdn:
         if task.expected_md5 and task.expected_md5 != raw_md5:
             raise IntegrityError(f"file md5 {raw_md5} is not the expected {task.expected_md5}")
         task.state = "done"
-        meta = {
-            "task_id": task.task_id,
-            "url": task.task_url,
-            "length": task.length,
-            "piece_size": task.piece_size,
-            "piece_count": task.piece_count,
-            "piece_md5": [task.piece_md5[n] for n in range(task.piece_count or 0)],
-            "file_md5": raw_md5,
-        }
-        tmp = task.path + ".meta.tmp"
-        try:
-            with open(tmp, "w") as f:
-                json.dump(meta, f)
-            os.replace(tmp, task.path + ".meta")
-        except OSError as e:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise StorageError(f"cannot write the cache metadata: {e.strerror or e}") from None
+        self.write_meta(task, finished=True)
         self._log.info(
             "task {task_id} cached: {length} bytes in {count} pieces, md5 {md5}",
             task_id=task.task_id,
@@ -193,6 +263,171 @@ class Cdn:
             md5=raw_md5,
         )
         self._on_done(task)
+
+    # -- persistence -----------------------------------------------------------
+    def write_meta(self, task: CdnTask, finished: bool) -> None:
+        """Atomically write the task's metadata (raises L{StorageError})."""
+        meta: dict[str, Any] = {
+            "task_id": task.task_id,
+            "url": task.url,
+            "task_url": task.task_url,
+            "expected_md5": task.expected_md5,
+            "length": task.length,
+            "piece_size": task.piece_size,
+            "etag": task.etag,
+            "last_modified": task.last_modified,
+            "generation": task.generation,
+            "finished": finished,
+        }
+        if finished:
+            meta["piece_count"] = task.piece_count
+            meta["piece_md5"] = [task.piece_md5[n] for n in range(task.piece_count or 0)]
+            meta["piece_len"] = [task.piece_len[n] for n in range(task.piece_count or 0)]
+            meta["file_md5"] = task.file_md5
+        path = self.cache_path(task.task_id) + ".meta"
+        tmp = path + ".tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(meta, f)
+            os.replace(tmp, path)
+        except OSError as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise StorageError(f"cannot write the cache metadata: {e.strerror or e}") from None
+
+    def load_cached(self) -> list[CdnTask]:
+        """Tasks found under C{home}: finished ones ready to serve, unfinished ones to resume."""
+        tasks = []
+        for meta_path in sorted(glob.glob(os.path.join(self._home, "cdn", "*", "*.meta"))):
+            try:
+                task = self._load(meta_path)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                self._log.warn("dropping unreadable cache entry {path}: {error}", path=meta_path, error=str(e))
+                task = None
+            if task is None:
+                base = meta_path[: -len(".meta")]
+                for p in (base, meta_path):
+                    try:
+                        os.unlink(p)
+                    except OSError:
+                        pass
+                continue
+            tasks.append(task)
+        return tasks
+
+    def _load(self, meta_path: str) -> CdnTask | None:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        task_id = str(meta["task_id"])
+        if self.cache_path(task_id) + ".meta" != meta_path or not meta.get("piece_size"):
+            return None
+        task = CdnTask(task_id, str(meta["url"]), str(meta["task_url"]), {}, expected_md5=meta.get("expected_md5"))
+        task.length = meta.get("length")
+        task.piece_size = int(meta["piece_size"])
+        task.etag = meta.get("etag")
+        task.last_modified = meta.get("last_modified")
+        task.generation = meta.get("generation")
+        task.path = self.cache_path(task_id)
+        if not os.path.exists(task.path):
+            return None
+        if not meta.get("finished"):
+            task.state = "partial"
+            return task
+        count = int(meta["piece_count"])
+        task.piece_count = count
+        task.piece_md5 = {n: str(m) for n, m in enumerate(meta["piece_md5"])}
+        task.piece_len = {n: int(v) for n, v in enumerate(meta["piece_len"])}
+        task.file_md5 = str(meta["file_md5"])
+        expected = (count - 1) * task.piece_size + task.piece_len[count - 1] + OVERHEAD
+        if len(task.piece_md5) != count or os.path.getsize(task.path) != expected:
+            return None
+        task.fd = os.open(task.path, os.O_RDWR)
+        task.state = "done"
+        return task
+
+    def _scan(self, task: CdnTask) -> _Resume | None:
+        """Check an unfinished cache file from the start; the intact full pieces can stay."""
+        if task.piece_size is None or task.length is None:
+            return None
+        cap = task.piece_size - OVERHEAD
+        header = SliceHeader(cap, task.piece_size).encode()
+        md5 = hashlib.md5()
+        piece_md5: dict[int, str] = {}
+        try:
+            with open(self.cache_path(task.task_id), "rb") as f:
+                n = 0
+                while (n + 1) * cap < task.length:  # full pieces that are not the last one
+                    f.seek(n * task.piece_size)
+                    raw = f.read(cap + OVERHEAD)
+                    if len(raw) < cap + OVERHEAD or raw[:4] != header or raw[4 + cap : 5 + cap] != TAIL:
+                        break
+                    piece_md5[n] = hashlib.md5(raw[: cap + OVERHEAD]).hexdigest()
+                    md5.update(raw[4 : 4 + cap])
+                    n += 1
+        except OSError:
+            return None
+        return _Resume(n, md5, piece_md5)
+
+    def revalidate(self, task: CdnTask, headers: dict[bytes, list[bytes]]) -> Deferred[bool]:
+        """Ask the origin whether the cached version is current: True (304) or False (changed).
+
+        Without validators there is nothing to ask, so the answer is False.  When the origin
+        cannot be reached the cached copy is kept (True), as HTTP caches do.
+        """
+        if not task.etag and not task.last_modified:
+            return _succeed(False)
+        headers = {k: list(v) for k, v in headers.items()}
+        if task.etag:
+            headers[b"If-None-Match"] = [task.etag.encode("latin-1")]
+        if task.last_modified:
+            headers[b"If-Modified-Since"] = [task.last_modified.encode("latin-1")]
+        d = self._http.request("GET", task.url, headers=headers, unbuffered=True)
+        timer = self._reactor.callLater(self._idle_timeout, d.cancel)
+        d.addBoth(self._cancel_timer, timer)
+
+        def answered(response: Any) -> bool:
+            response.deliverBody(_Discard())
+            if response.code == 304:
+                return True
+            if response.code == 200:
+                return (
+                    _header(response.headers, b"etag") == task.etag
+                    and _header(response.headers, b"last-modified") == task.last_modified
+                    and (response.length is UNKNOWN_LENGTH or response.length == task.length)
+                    and bool(task.etag or task.last_modified)
+                )
+            raise OriginError(f"origin answered {response.code}", response.code)
+
+        def failed(f: Failure) -> bool:
+            if f.check(OriginError) and f.value.status in (404, 410):  # type: ignore[union-attr]
+                return False
+            self._log.warn("cannot revalidate {url}: {error}; serving the cached copy", url=task.url, error=f.getErrorMessage())
+            return True
+
+        d.addCallback(answered)
+        d.addErrback(failed)
+        return d
+
+
+def _succeed(value: bool) -> Deferred[bool]:
+    d: Deferred[bool] = Deferred()
+    d.callback(value)
+    return d
+
+
+def _header(headers: Headers, name: bytes) -> str | None:
+    values = headers.getRawHeaders(name)
+    return values[0].decode("latin-1") if values else None
+
+
+def _content_range_start(headers: Headers) -> int | None:
+    value = _header(headers, b"content-range")
+    if not value or not value.startswith("bytes "):
+        return None
+    first = value[6:].split("-", 1)[0]
+    return int(first) if first.isdigit() else None
 
 
 def _describe(reason: Failure) -> str:
@@ -212,9 +447,9 @@ class _Discard(Protocol):
 class Slicer(Protocol):
     """Receives the origin body and writes slices into the cache file."""
 
-    def __init__(self, cdn: Cdn, task: CdnTask, reactor: IReactorTime, idle_timeout: float) -> None:
-        from twisted.internet.defer import Deferred
-
+    def __init__(
+        self, cdn: Cdn, task: CdnTask, reactor: IReactorTime, idle_timeout: float, resume: _Resume | None = None
+    ) -> None:
         self.finished: Deferred[None] = Deferred()
         self._cdn = cdn
         self._task = task
@@ -222,11 +457,12 @@ class Slicer(Protocol):
         self._fd = task.fd
         self._p = task.piece_size
         self._cap = task.piece_size - OVERHEAD
-        self._piece = 0
+        self._piece = resume.pieces if resume else 0
+        self._offset = self._piece * self._cap  # raw bytes of the file received so far
         self._fill = 0
         self._full_header = SliceHeader(self._cap, self._p).encode()
         self._piece_md5 = hashlib.md5(self._full_header)
-        self._file_md5 = hashlib.md5()
+        self._file_md5 = resume.md5 if resume else hashlib.md5()
         self._reactor = reactor
         self._idle_timeout = idle_timeout
         self._timer: IDelayedCall | None = reactor.callLater(idle_timeout, self._stalled)
@@ -250,7 +486,8 @@ class Slicer(Protocol):
             self._timer.reset(self._idle_timeout)
         task = self._task
         task.source_bytes += len(data)
-        if task.length is not None and task.source_bytes > task.length:
+        self._offset += len(data)
+        if task.length is not None and self._offset > task.length:
             self._abort(OriginError(f"origin sent more than its Content-Length {task.length}"))
             return
         self._file_md5.update(data)
@@ -294,12 +531,10 @@ class Slicer(Protocol):
             )
             if not clean:
                 raise OriginError(f"origin connection failed mid-body: {_describe(reason)}")
-            if task.length is not None and task.source_bytes != task.length:
-                raise OriginError(
-                    f"origin sent {task.source_bytes} bytes, Content-Length said {task.length}"
-                )
+            if task.length is not None and self._offset != task.length:
+                raise OriginError(f"origin sent {self._offset} bytes, Content-Length said {task.length}")
             if task.length is None:
-                task.length = task.source_bytes
+                task.length = self._offset
             try:
                 if self._fill or self._piece == 0:
                     header = SliceHeader(self._fill, self._p).encode()

@@ -60,6 +60,7 @@ class Supernode:
         scheduler: Scheduler | None = None,
         piece_size: int | None = None,
         origin_idle_timeout: float = 60.0,
+        revalidate_after: float = 5.0,
     ) -> None:
         self._reactor = reactor
         self.scheduler = scheduler or Scheduler()
@@ -77,6 +78,20 @@ class Supernode:
         self.tasks: dict[str, CdnTask] = {}
         self.sessions: dict[str, SupernodeSession] = {}
         self.stats: dict[tuple[str, str], MemberStats] = {}
+        self.revalidate_after = revalidate_after
+        # Registrations waiting for a revalidation of their task to finish.
+        self._waiting: dict[str, list[tuple[SupernodeSession, dict[str, Any]]]] = {}
+        for task in self.cdn.load_cached():
+            self.tasks[task.task_id] = task
+            self.scheduler.add_task(task.task_id)
+            if task.state == "done":
+                assert task.piece_count is not None
+                for n in range(task.piece_count):
+                    self.scheduler.cdn_piece_ready(task.task_id, n)
+                self.scheduler.cdn_finished(task.task_id, task.piece_count)
+            self._log.info(
+                "loaded cached task {task_id} ({state}) for {url}", task_id=task.task_id, state=task.state, url=task.task_url
+            )
 
     def make_session(self, wire: FramedProtocol) -> SupernodeSession:
         return SupernodeSession(wire, self)
@@ -104,20 +119,73 @@ class Supernode:
         md5 = get_md5(msg, "md5") if msg.get("md5") else None
         sign = md5 or get_opt_str(msg, "identifier", 512) or ""
         task_id = task_id_for(task_url, sign)
+        if task_id in self._waiting:
+            self._waiting[task_id].append((session, msg))
+            return
         task = self.tasks.get(task_id)
         if task is None:
             task = CdnTask(task_id, url, task_url, headers, expected_md5=md5, created=time.time())
             self.tasks[task_id] = task
             self.scheduler.add_task(task_id)
             self.cdn.start(task)
+        elif task.state == "partial":
+            task.headers = headers
+            self.cdn.start(task)
+        elif task.state == "done" and self._reactor.seconds() - task.validated_at >= self.revalidate_after:
+            self._revalidate(task, headers, session, msg)
+            return
+        self._admit(session, task, msg)
+
+    def _admit(self, session: SupernodeSession, task: CdnTask, msg: dict[str, Any]) -> None:
+        """Answer a registration for C{task} and let the peer join its swarm."""
+        assert session.peer_id is not None
+        if not session.wire.connected_open or self.sessions.get(session.peer_id) is not session:
+            return
         limit = task.piece_count if task.piece_count is not None else 1 << 24
         have = decode_ranges(get_opt_str(msg, "have", 60000) or "", limit)
-        self.stats.setdefault((task_id, session.peer_id), MemberStats(joined=time.time()))
-        session.tasks.add(task_id)
-        session.wire.send_control({"op": "registered", "req": req, **self._task_info(task)})
+        if get_opt_str(msg, "generation", 64) != task.generation:
+            have = set()  # pieces of another version of the content are worthless here
+        self.stats.setdefault((task.task_id, session.peer_id), MemberStats(joined=time.time()))
+        session.tasks.add(task.task_id)
+        session.wire.send_control({"op": "registered", "req": get_int(msg, "req"), **self._task_info(task)})
         if task.state == "failed":
             return
-        self._dispatch(self.scheduler.join(task_id, session.peer_id, have))
+        self._dispatch(self.scheduler.join(task.task_id, session.peer_id, have))
+
+    def _revalidate(
+        self, task: CdnTask, headers: dict[bytes, list[bytes]], session: SupernodeSession, msg: dict[str, Any]
+    ) -> None:
+        """Check a cached task against its origin before anyone else is served from it."""
+        waiting = self._waiting[task.task_id] = [(session, msg)]
+
+        def decided(current: bool) -> None:
+            del self._waiting[task.task_id]
+            if current:
+                task.validated_at = self._reactor.seconds()
+                target = task
+            else:
+                self._log.info("origin changed {url}; fetching the new version", url=task.task_url)
+                target = self._replace(task, headers)
+            for s, m in waiting:
+                try:
+                    self._admit(s, target, m)
+                except BadControlMessage:
+                    s.wire.close(abort=True)
+
+        self.cdn.revalidate(task, headers).addCallback(decided).addErrback(
+            lambda f: self._log.failure("revalidation of {task_id} failed", f, task_id=task.task_id)
+        )
+
+    def _replace(self, old: CdnTask, headers: dict[bytes, list[bytes]]) -> CdnTask:
+        """Drop a task whose content changed at the origin and start its new version."""
+        self._broadcast(old, {"op": "task_reset", "task": old.task_id})
+        self.scheduler.remove_task(old.task_id)
+        self.cdn.discard(old)
+        task = CdnTask(old.task_id, old.url, old.task_url, headers, expected_md5=old.expected_md5, created=time.time())
+        self.tasks[task.task_id] = task
+        self.scheduler.add_task(task.task_id)
+        self.cdn.start(task)
+        return task
 
     def piece_done(self, session: SupernodeSession, msg: dict[str, Any]) -> None:
         task_id, piece, source = self._piece_report(session, msg)
@@ -216,6 +284,7 @@ class Supernode:
         return {
             "task": task.task_id,
             "state": task.state,
+            "generation": task.generation,
             "length": task.length,
             "piece_size": task.piece_size,
             "piece_count": task.piece_count,

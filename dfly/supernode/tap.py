@@ -43,6 +43,7 @@ class Options(usage.Options):
         ["blacklist-limit", None, "3", "Failures in a row before a source peer is blacklisted."],
         ["isolation-limit", None, "5", "Failures in a row before a downloader gets pieces from the supernode only."],
         ["origin-timeout", None, "60", "Seconds of origin silence before a fetch fails."],
+        ["revalidate-after", None, "5", "Seconds a cached file is trusted before the origin is asked again."],
         ["ready-file", None, None, "Write {\"port\": N, \"api\": M} as JSON here once listening."],
     ]
 
@@ -57,6 +58,10 @@ class Options(usage.Options):
         for name in ("cdn-limit", "up-limit", "down-limit", "blacklist-limit", "isolation-limit"):
             self[name] = int(positive(int, name, self[name]))
         self["origin-timeout"] = positive(float, "origin-timeout", self["origin-timeout"])
+        try:
+            self["revalidate-after"] = float(self["revalidate-after"])
+        except ValueError:
+            raise usage.UsageError("--revalidate-after must be a number") from None
         self["home"] = os.path.abspath(self["home"])
 
 
@@ -127,5 +132,6 @@ def makeService(config: Options, reactor: Any = None, http: Any = None) -> IServ
         scheduler,
         piece_size=config["piece-size"],
         origin_idle_timeout=config["origin-timeout"],
+        revalidate_after=config["revalidate-after"],
     )
     return SupernodeService(reactor, config, node)
