@@ -61,7 +61,10 @@ class SupernodeLink:
         initial_delay: float = 0.25,
         max_delay: float = 10.0,
         connect_timeout: float = 5.0,
+        keepalive: float = 20.0,
     ) -> None:
+        self._keepalive = keepalive
+        self._pinger: IDelayedCall | None = None
         if not addresses:
             raise ValueError("at least one supernode address is needed")
         self._reactor = reactor
@@ -91,6 +94,9 @@ class SupernodeLink:
 
     def stop(self) -> None:
         self._running = False
+        if self._pinger is not None and self._pinger.active():
+            self._pinger.cancel()
+        self._pinger = None
         if self._pending is not None and self._pending.active():
             self._pending.cancel()
         if self._attempt is not None:
@@ -115,7 +121,9 @@ class SupernodeLink:
             holder.append(LinkSession(wire, self))
             return holder[0]
 
-        d = HostnameEndpoint(self._reactor, host, port, timeout=self._timeout).connect(FramedFactory(make))
+        # The supernode pongs every ping, so three silent keepalive periods mean it is gone.
+        factory = FramedFactory(make, idle_timeout=3 * self._keepalive, clock=self._reactor)
+        d = HostnameEndpoint(self._reactor, host, port, timeout=self._timeout).connect(factory)
         self._attempt = d
 
         def up(_: Any) -> None:
@@ -125,6 +133,7 @@ class SupernodeLink:
             self._delay = self._initial
             self.last_error = None
             self._log.info("connected to supernode {host}:{port}", host=host, port=port)
+            self._pinger = self._reactor.callLater(self._keepalive, self._ping)
             self._on_up()
 
         def failed(f: Failure) -> None:
@@ -134,9 +143,18 @@ class SupernodeLink:
 
         d.addCallbacks(up, failed)
 
+    def _ping(self) -> None:
+        self._pinger = None
+        if self.session is not None:
+            self.session.wire.send_control({"op": "ping"})
+            self._pinger = self._reactor.callLater(self._keepalive, self._ping)
+
     def session_lost(self, session: LinkSession, reason: Failure) -> None:
         if session is not self.session:
             return
+        if self._pinger is not None and self._pinger.active():
+            self._pinger.cancel()
+        self._pinger = None
         self.session = None
         self.address = None
         self.last_error = f"lost supernode link: {reason.getErrorMessage()}"

@@ -155,6 +155,7 @@ class PeerNode:
         expire: float = 600.0,
         stall_timeout: float = 30.0,
         link_timeout: float = 10.0,
+        keepalive: float = 20.0,
         hasher: Callable[[str, int, int, Any], Deferred[None]] | None = None,
     ) -> None:
         self.reactor = reactor
@@ -166,7 +167,9 @@ class PeerNode:
         self.link_timeout = link_timeout
         self.store = PeerStore(home)
         self.sources = SourcePool(reactor, stall_timeout=stall_timeout)
-        self.link = SupernodeLink(reactor, supernodes, self._link_up, self._link_down, self._control)
+        self.link = SupernodeLink(
+            reactor, supernodes, self._link_up, self._link_down, self._control, keepalive=keepalive
+        )
         self.downloads: dict[str, Download] = {}
         self.upload_port = 0
         self._req = 0
@@ -274,7 +277,7 @@ class PeerNode:
 
     def _control(self, msg: dict[str, Any]) -> None:
         op = msg["op"]
-        if op == "welcome":
+        if op in ("welcome", "pong"):
             return
         if op in ("registered", "refused"):
             dl = self._by_req.pop(get_int(msg, "req"), None)

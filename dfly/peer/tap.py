@@ -30,6 +30,8 @@ class Options(usage.Options):
         ["advertise-host", None, None, "Address other peers should use (default: as the supernode sees us)."],
         ["expire", None, "600", "Seconds a finished file stays shared after its last use."],
         ["stall-timeout", None, "30", "Seconds without bytes before a source is given up."],
+        ["idle-timeout", None, "60", "Seconds before an upload connection that shows no life is closed."],
+        ["keepalive", None, "20", "Seconds between pings on the supernode link (3 missed: reconnect)."],
         ["ready-file", None, None, "Write {\"port\": N, \"socket\": PATH} as JSON here once listening."],
     ]
 
@@ -46,6 +48,8 @@ class Options(usage.Options):
             self["supernode"] = [("127.0.0.1", 8002)]
         self["expire"] = positive(float, "expire", self["expire"])
         self["stall-timeout"] = positive(float, "stall-timeout", self["stall-timeout"])
+        self["idle-timeout"] = positive(float, "idle-timeout", self["idle-timeout"])
+        self["keepalive"] = positive(float, "keepalive", self["keepalive"])
         self["home"] = os.path.abspath(self["home"])
 
 
@@ -77,6 +81,7 @@ class PeerService(Service):
             advertise_host=config["advertise-host"],
             expire=config["expire"],
             stall_timeout=config["stall-timeout"],
+            keepalive=config["keepalive"],
         )
         sock = socket_path(config["home"])
         if os.path.exists(sock):
@@ -88,7 +93,9 @@ class PeerService(Service):
         def api_session(wire: FramedProtocol) -> LocalApiSession:
             return LocalApiSession(wire, node)
 
-        upload = serverFromString(reactor, config["port"]).listen(FramedFactory(upload_session))
+        upload = serverFromString(reactor, config["port"]).listen(
+            FramedFactory(upload_session, idle_timeout=config["idle-timeout"], clock=reactor)
+        )
         api = serverFromString(reactor, f"unix:{sock}:mode=600").listen(FramedFactory(api_session))
 
         def listening(results: list[Any]) -> None:

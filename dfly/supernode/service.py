@@ -386,7 +386,9 @@ class SupernodeSession(SliceServerSession):
 
     def other_control(self, msg: dict[str, Any]) -> None:
         op = msg["op"]
-        if op == "hello":
+        if op == "ping":
+            self.wire.send_control({"op": "pong"})
+        elif op == "hello":
             if self.peer_id is not None:
                 raise BadControlMessage("second hello")
             peer_id = get_str(msg, "peer", 200)

@@ -44,6 +44,7 @@ class Options(usage.Options):
         ["isolation-limit", None, "5", "Failures in a row before a downloader gets pieces from the supernode only."],
         ["origin-timeout", None, "60", "Seconds of origin silence before a fetch fails."],
         ["revalidate-after", None, "5", "Seconds a cached file is trusted before the origin is asked again."],
+        ["idle-timeout", None, "60", "Seconds before a connection that shows no life is closed (peers ping every 20)."],
         ["ready-file", None, None, "Write {\"port\": N, \"api\": M} as JSON here once listening."],
     ]
 
@@ -58,6 +59,7 @@ class Options(usage.Options):
         for name in ("cdn-limit", "up-limit", "down-limit", "blacklist-limit", "isolation-limit"):
             self[name] = int(positive(int, name, self[name]))
         self["origin-timeout"] = positive(float, "origin-timeout", self["origin-timeout"])
+        self["idle-timeout"] = positive(float, "idle-timeout", self["idle-timeout"])
         try:
             self["revalidate-after"] = float(self["revalidate-after"])
         except ValueError:
@@ -89,8 +91,11 @@ class SupernodeService(Service):
     def startService(self) -> None:
         super().startService()
         reactor, config = self._reactor, self._config
-        peers = serverFromString(reactor, config["port"]).listen(FramedFactory(self.node.make_session))
-        api = serverFromString(reactor, config["api"]).listen(Site(make_api(self.node)))
+        idle = config["idle-timeout"]
+        peers = serverFromString(reactor, config["port"]).listen(
+            FramedFactory(self.node.make_session, idle_timeout=idle, clock=reactor)
+        )
+        api = serverFromString(reactor, config["api"]).listen(Site(make_api(self.node), timeout=idle))
 
         def listening(results: list[Any]) -> None:
             failures = [r[1] for r in results if not r[0]]

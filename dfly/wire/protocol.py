@@ -10,6 +10,10 @@ written at once unless a slice is being streamed, in which case they wait
 behind it.  A slice is streamed from a file by L{FileRangeProducer}, an
 C{IPullProducer} registered on the transport, so at most one read chunk per
 connection sits in memory and a slow receiver slows the reads (backpressure).
+
+With an C{idle_timeout}, a connection that neither sends anything nor takes
+any of what it is sent for that long is closed (slow-loris, dead peers);
+long-lived control connections stay up with pings.
 """
 
 from __future__ import annotations
@@ -78,8 +82,13 @@ class FileRangeProducer:
     """Writes one L{SliceSource} to a consumer, a chunk per C{resumeProducing}."""
 
     def __init__(
-        self, consumer: IConsumer, source: SliceSource, finished: Callable[[bool], None]
+        self,
+        consumer: IConsumer,
+        source: SliceSource,
+        finished: Callable[[bool], None],
+        touch: Callable[[], None] | None = None,
     ) -> None:
+        self._touch = touch
         self._consumer = consumer
         self._source = source
         self._pos = 0
@@ -112,6 +121,8 @@ class FileRangeProducer:
             self._pos += len(chunk)
             self._sent += len(chunk)
             self._consumer.write(chunk)
+            if self._touch is not None:
+                self._touch()
             if self._pos < src.length:
                 return
         if src.suffix:
@@ -138,9 +149,18 @@ class FramedProtocol(Protocol):
 
     _log = Logger()
 
-    def __init__(self, make_session: Callable[[FramedProtocol], Session], max_control: int = MAX_CONTROL) -> None:
+    def __init__(
+        self,
+        make_session: Callable[[FramedProtocol], Session],
+        max_control: int = MAX_CONTROL,
+        idle_timeout: float | None = None,
+        clock: Any = None,
+    ) -> None:
         self._make_session = make_session
         self._max_control = max_control
+        self._idle_timeout = idle_timeout
+        self._clock = clock
+        self._idle: Any = None
         self._queue: deque[tuple[bytes, SliceSource | None]] = deque()
         self._busy = False
         self._closed = False
@@ -149,13 +169,26 @@ class FramedProtocol(Protocol):
 
     # -- twisted Protocol API
     def connectionMade(self) -> None:
+        if self._idle_timeout is not None and self._clock is not None:
+            self._idle = self._clock.callLater(self._idle_timeout, self._idled)
         session = self._make_session(self)
         self.session = session
         self.parser = FrameParser(session, self._max_control)
         session.connection_made()
 
+    def touch(self) -> None:
+        """The other side showed it is alive (it sent or took bytes)."""
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self._idle_timeout)
+
+    def _idled(self) -> None:
+        self._idle = None
+        self._log.info("closing idle connection from {peer}", peer=self.peer_label)
+        self.close(abort=True)
+
     def dataReceived(self, data: bytes) -> None:
         assert self.parser is not None and self.session is not None
+        self.touch()
         try:
             self.parser.feed(data)
         except ProtocolError as e:
@@ -165,6 +198,9 @@ class FramedProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self._closed = True
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
         for _, src in self._queue:
             if src is not None and src.on_done is not None:
                 src.on_done(False, 0)
@@ -230,7 +266,7 @@ class FramedProtocol(Protocol):
             self.transport.write(frame)
             if source is not None:
                 self._busy = True
-                FileRangeProducer(self.transport, source, self._slice_sent).start()  # type: ignore[arg-type]
+                FileRangeProducer(self.transport, source, self._slice_sent, self.touch).start()  # type: ignore[arg-type]
                 return
         self._busy = False
 
@@ -247,10 +283,17 @@ class FramedFactory(Factory):
 
     noisy = False
 
-    def __init__(self, make_session: Callable[[FramedProtocol], Session]) -> None:
+    def __init__(
+        self,
+        make_session: Callable[[FramedProtocol], Session],
+        idle_timeout: float | None = None,
+        clock: Any = None,
+    ) -> None:
         self._make_session = make_session
+        self._idle_timeout = idle_timeout
+        self._clock = clock
 
     def buildProtocol(self, addr: Any) -> FramedProtocol:
-        proto = FramedProtocol(self._make_session)
+        proto = FramedProtocol(self._make_session, idle_timeout=self._idle_timeout, clock=self._clock)
         proto.factory = self
         return proto
