@@ -54,3 +54,16 @@ def write_ready_file(path: str | None, info: dict[str, object]) -> None:
     with open(tmp, "w") as f:
         json.dump(info, f)
     os.replace(tmp, path)
+
+
+def parse_size(text: str, name: str = "size") -> int:
+    """Bytes from C{"512K"}, C{"64M"}, C{"10G"}, C{"1T"} or a plain number (0 allowed)."""
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        value = float(t[:-1]) * scale[t[-1]] if t and t[-1] in scale else float(t)
+    except ValueError:
+        raise usage.UsageError(f"--{name}: expected a size like 512M or 10G, not {text!r}") from None
+    if value < 0:
+        raise usage.UsageError(f"--{name} must not be negative")
+    return int(value)

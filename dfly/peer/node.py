@@ -156,6 +156,7 @@ class PeerNode:
         stall_timeout: float = 30.0,
         link_timeout: float = 10.0,
         keepalive: float = 20.0,
+        cache_limit: int = 0,
         hasher: Callable[[str, int, int, Any], Deferred[None]] | None = None,
     ) -> None:
         self.reactor = reactor
@@ -164,6 +165,7 @@ class PeerNode:
         self.peer_id = peer_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:12]}"
         self.advertise_host = advertise_host
         self.expire = expire
+        self.cache_limit = cache_limit
         self.link_timeout = link_timeout
         self.store = PeerStore(home)
         self.sources = SourcePool(reactor, stall_timeout=stall_timeout)
@@ -504,6 +506,27 @@ class PeerNode:
         result = dl.result()
         for d in waiters:
             d.callback(result)
+        self.collect_garbage()
+
+    def collect_garbage(self) -> list[str]:
+        """Drop finished, unleased files, least recently used first, above the cache limit."""
+        if not self.cache_limit:
+            return []
+        total = sum(t.size() for t in self.store.tasks.values())
+        done = [dl for dl in self.downloads.values() if dl.state == "done" and dl.store is not None]
+        evicted = []
+        for dl in sorted(done, key=lambda d: d.store.last_access):
+            if total <= self.cache_limit:
+                break
+            if dl.store.leases:
+                continue
+            total -= dl.store.size()
+            self._log.info("dropping task {task_id} to stay under the cache limit", task_id=dl.task_id)
+            self.link.send({"op": "leave", "task": dl.task_id})
+            del self.downloads[dl.task_id]
+            self.store.remove(dl.task_id)
+            evicted.append(dl.task_id)
+        return evicted
 
     def _verify_error(self, f: Failure, dl: Download) -> None:
         self._fail(dl, IntegrityError(f"cannot verify the assembled file: {f.getErrorMessage()}"))

@@ -11,7 +11,14 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from dfly.config import DEFAULT_PEER_PORT, data_home, parse_hostport, positive, write_ready_file
+from dfly.config import (
+    DEFAULT_PEER_PORT,
+    data_home,
+    parse_hostport,
+    parse_size,
+    positive,
+    write_ready_file,
+)
 from dfly.peer.localapi import LocalApiSession
 from dfly.peer.node import PeerNode
 from dfly.wire.protocol import FramedFactory, FramedProtocol
@@ -31,6 +38,7 @@ class Options(usage.Options):
         ["expire", None, "600", "Seconds a finished file stays shared after its last use."],
         ["stall-timeout", None, "30", "Seconds without bytes before a source is given up."],
         ["idle-timeout", None, "60", "Seconds before an upload connection that shows no life is closed."],
+        ["cache-limit", None, "0", "Drop finished files, least recently used first, above this size (0: no limit)."],
         ["keepalive", None, "20", "Seconds between pings on the supernode link (3 missed: reconnect)."],
         ["ready-file", None, None, "Write {\"port\": N, \"socket\": PATH} as JSON here once listening."],
     ]
@@ -50,6 +58,7 @@ class Options(usage.Options):
         self["stall-timeout"] = positive(float, "stall-timeout", self["stall-timeout"])
         self["idle-timeout"] = positive(float, "idle-timeout", self["idle-timeout"])
         self["keepalive"] = positive(float, "keepalive", self["keepalive"])
+        self["cache-limit"] = parse_size(self["cache-limit"], "cache-limit")
         self["home"] = os.path.abspath(self["home"])
 
 
@@ -82,6 +91,7 @@ class PeerService(Service):
             expire=config["expire"],
             stall_timeout=config["stall-timeout"],
             keepalive=config["keepalive"],
+            cache_limit=config["cache-limit"],
         )
         sock = socket_path(config["home"])
         if os.path.exists(sock):

@@ -80,6 +80,11 @@ class CdnTask:
     path: str = ""
     fd: int | None = None
     created: float = 0.0
+    last_access: float = 0.0
+
+    def cache_bytes(self) -> int:
+        """Bytes of cache this task occupies."""
+        return sum(self.piece_len.values()) + OVERHEAD * len(self.piece_len)
 
     def close(self) -> None:
         if self.fd is not None:
@@ -146,6 +151,13 @@ class Cdn:
         resume = None
         if task.state == "partial":
             resume = self._scan(task)
+            if resume is not None:
+                # Only what the scan found intact may be served until the rest is fetched.
+                assert task.piece_size is not None
+                task.piece_md5 = dict(resume.piece_md5)
+                task.piece_len = {n: task.piece_size - OVERHEAD for n in range(resume.pieces)}
+            else:
+                task.reset_pieces()
         task.state = "running"
         task.error = task.error_kind = None
         task.status = None
@@ -245,6 +257,13 @@ class Cdn:
                 os.unlink(self.cache_path(task.task_id) + suffix)
             except OSError:
                 pass
+
+    def piece_intact(self, task: CdnTask, piece: int) -> bool:
+        """Whether the cached slice of C{piece} still has its recorded md5."""
+        if task.fd is None or task.piece_size is None or piece not in task.piece_len:
+            return False
+        data = os.pread(task.fd, task.piece_len[piece] + OVERHEAD, piece * task.piece_size)
+        return hashlib.md5(data).hexdigest() == task.piece_md5.get(piece)
 
     def piece_ready(self, task: CdnTask, piece: int) -> None:
         self._on_piece(task, piece)
@@ -363,7 +382,10 @@ class Cdn:
                     raw = f.read(cap + OVERHEAD)
                     if len(raw) < cap + OVERHEAD or raw[:4] != header or raw[4 + cap : 5 + cap] != TAIL:
                         break
-                    piece_md5[n] = hashlib.md5(raw[: cap + OVERHEAD]).hexdigest()
+                    digest = hashlib.md5(raw[: cap + OVERHEAD]).hexdigest()
+                    if task.piece_md5.get(n, digest) != digest:
+                        break  # damaged: a finished task knows each piece's md5
+                    piece_md5[n] = digest
                     md5.update(raw[4 : 4 + cap])
                     n += 1
         except OSError:

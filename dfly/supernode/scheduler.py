@@ -129,6 +129,21 @@ class Scheduler:
         self.tasks[task_id].piece_count = piece_count
         return self.schedule(task_id)
 
+    def cdn_withdrawn(self, task_id: str) -> None:
+        """The CDN's copy is being repaired: offer no piece of the task until re-announced."""
+        task = self.tasks.get(task_id)
+        if task is not None:
+            task.available.clear()
+
+    def busy(self, task_id: str) -> bool:
+        """True while any member still downloads or the CDN serves a piece of the task."""
+        task = self.tasks.get(task_id)
+        if task is None:
+            return False
+        if task.cdn_inflight:
+            return True
+        return any(m.running or not self.member_complete(task, m) for m in task.members.values())
+
     def cdn_failed(self, task_id: str) -> None:
         """The CDN gave up; no further assignments for this task."""
         task = self.tasks.get(task_id)

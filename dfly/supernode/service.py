@@ -61,6 +61,7 @@ class Supernode:
         piece_size: int | None = None,
         origin_idle_timeout: float = 60.0,
         revalidate_after: float = 5.0,
+        cache_limit: int = 0,
     ) -> None:
         self._reactor = reactor
         self.scheduler = scheduler or Scheduler()
@@ -79,6 +80,7 @@ class Supernode:
         self.sessions: dict[str, SupernodeSession] = {}
         self.stats: dict[tuple[str, str], MemberStats] = {}
         self.revalidate_after = revalidate_after
+        self.cache_limit = cache_limit
         # Registrations waiting for a revalidation of their task to finish.
         self._waiting: dict[str, list[tuple[SupernodeSession, dict[str, Any]]]] = {}
         for task in self.cdn.load_cached():
@@ -139,6 +141,7 @@ class Supernode:
     def _admit(self, session: SupernodeSession, task: CdnTask, msg: dict[str, Any]) -> None:
         """Answer a registration for C{task} and let the peer join its swarm."""
         assert session.peer_id is not None
+        task.last_access = self._reactor.seconds()
         if not session.wire.connected_open or self.sessions.get(session.peer_id) is not session:
             return
         limit = task.piece_count if task.piece_count is not None else 1 << 24
@@ -221,6 +224,38 @@ class Supernode:
             reason=reason,
         )
         self._dispatch(self.scheduler.piece_failed(task_id, session.peer_id, piece, source))
+        task = self.tasks.get(task_id)
+        if source == CDN and task is not None and task.state == "done" and not self.cdn.piece_intact(task, piece):
+            self._repair(task, piece)
+
+    def _repair(self, task: CdnTask, piece: int) -> None:
+        """The cached copy is damaged: stop offering it and fetch what is bad again."""
+        self._log.warn(
+            "cache of task {task_id} is damaged (piece {piece} fails its md5); refetching from the origin",
+            task_id=task.task_id, piece=piece,
+        )
+        self.scheduler.cdn_withdrawn(task.task_id)
+        task.state = "partial"
+        self.cdn.start(task)
+
+    def collect_garbage(self) -> list[str]:
+        """Evict least recently used idle tasks while the cache is above its limit."""
+        if not self.cache_limit:
+            return []
+        total = sum(t.cache_bytes() for t in self.tasks.values())
+        evicted: list[str] = []
+        for task in sorted(self.tasks.values(), key=lambda t: t.last_access):
+            if total <= self.cache_limit * 0.9:
+                break
+            if task.state not in ("done", "partial") or self.scheduler.busy(task.task_id):
+                continue  # never evict what is being fetched, served or downloaded
+            total -= task.cache_bytes()
+            self._log.info("evicting task {task_id} from the cache", task_id=task.task_id)
+            self.scheduler.remove_task(task.task_id)
+            self.cdn.discard(task)
+            del self.tasks[task.task_id]
+            evicted.append(task.task_id)
+        return evicted
 
     def leave(self, session: SupernodeSession, msg: dict[str, Any]) -> None:
         task_id = get_task_id(msg)
@@ -251,6 +286,7 @@ class Supernode:
         data_len = task.piece_len.get(piece)
         if data_len is None:
             raise PieceUnavailable(f"piece {piece} is not cached yet")
+        task.last_access = self._reactor.seconds()
 
         def done(ok: bool, sent: int) -> None:
             task.served_bytes += sent
@@ -267,8 +303,10 @@ class Supernode:
 
     def _cdn_done(self, task: CdnTask) -> None:
         assert task.piece_count is not None
+        task.last_access = self._reactor.seconds()
         self._broadcast(task, {"op": "task_info", **self._task_info(task)})
         self._dispatch(self.scheduler.cdn_finished(task.task_id, task.piece_count))
+        self.collect_garbage()
 
     def _cdn_failed(self, task: CdnTask) -> None:
         self.scheduler.cdn_failed(task.task_id)

@@ -16,6 +16,7 @@ from dfly.config import (
     DEFAULT_API_PORT,
     DEFAULT_SUPERNODE_PORT,
     data_home,
+    parse_size,
     positive,
     write_ready_file,
 )
@@ -44,6 +45,7 @@ class Options(usage.Options):
         ["isolation-limit", None, "5", "Failures in a row before a downloader gets pieces from the supernode only."],
         ["origin-timeout", None, "60", "Seconds of origin silence before a fetch fails."],
         ["revalidate-after", None, "5", "Seconds a cached file is trusted before the origin is asked again."],
+        ["cache-limit", None, "0", "Evict idle cached files, least recently used first, above this size (0: never)."],
         ["idle-timeout", None, "60", "Seconds before a connection that shows no life is closed (peers ping every 20)."],
         ["ready-file", None, None, "Write {\"port\": N, \"api\": M} as JSON here once listening."],
     ]
@@ -60,6 +62,7 @@ class Options(usage.Options):
             self[name] = int(positive(int, name, self[name]))
         self["origin-timeout"] = positive(float, "origin-timeout", self["origin-timeout"])
         self["idle-timeout"] = positive(float, "idle-timeout", self["idle-timeout"])
+        self["cache-limit"] = parse_size(self["cache-limit"], "cache-limit")
         try:
             self["revalidate-after"] = float(self["revalidate-after"])
         except ValueError:
@@ -138,5 +141,6 @@ def makeService(config: Options, reactor: Any = None, http: Any = None) -> IServ
         piece_size=config["piece-size"],
         origin_idle_timeout=config["origin-timeout"],
         revalidate_after=config["revalidate-after"],
+        cache_limit=config["cache-limit"],
     )
     return SupernodeService(reactor, config, node)
