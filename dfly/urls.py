@@ -29,8 +29,13 @@ HOP_HEADERS = frozenset(
 
 def check_url(url: str) -> str:
     """Return C{url} if it is an absolute http(s) URL, else raise L{DflyError}."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    try:
+        url.encode("utf-8")
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except (UnicodeError, ValueError):
+        raise DflyError(f"not a valid URL: {url!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.netloc or any(c in url for c in " \t\r\n"):
         raise DflyError(f"not an http(s) URL: {url!r}")
     return url
 
@@ -63,6 +68,11 @@ def parse_header_lines(lines: list[str]) -> list[tuple[str, str]]:
         name = name.strip()
         if not sep or not name or any(c in name for c in " \t\r\n") or "\n" in value or "\r" in value:
             raise DflyError(f"bad header {line!r}: use 'Name: value'")
+        try:
+            name.encode("ascii")
+            value.encode("latin-1")
+        except UnicodeError:
+            raise DflyError(f"bad header {line!r}: names must be ASCII, values Latin-1") from None
         out.append((name, value.strip()))
     return out
 

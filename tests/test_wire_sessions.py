@@ -33,6 +33,8 @@ TID = task_id("wire-sessions")
 CONTENT = body(2 * (P - OVERHEAD) + 54321, seed=7)
 KEY = ("source.example", 15001)
 STALL = 5.0
+# Low enough that the per-piece deadline (stall + size / min_rate) stays out of these tests.
+MIN_RATE = 1.0
 
 
 class RecordingServerSession(SliceServerSession):
@@ -118,7 +120,7 @@ def make_pair(
     server_task, infos = fill_task(server_store, TID, CONTENT, P, held)
     client_task = client_store.open(TID, P, 0.0)
     clock = MemoryReactorClock()
-    pool = SourcePool(clock, stall_timeout=STALL)
+    pool = SourcePool(clock, stall_timeout=STALL, min_rate=MIN_RATE)
 
     def server_session(wire: FramedProtocol) -> RecordingServerSession:
         if silent:
@@ -448,7 +450,7 @@ def test_nack_rearms_stall_timer(stores: tuple[PeerStore, PeerStore]) -> None:
     stall_timeout from the nack, not from when they were sent."""
     server_store, client_store = stores
     clock = MemoryReactorClock()
-    pool = SourcePool(clock, stall_timeout=STALL)
+    pool = SourcePool(clock, stall_timeout=STALL, min_rate=MIN_RATE)
     client_task = client_store.open(TID, P, 0.0)
     server = FramedProtocol(NackFirstSession)
     client = FramedProtocol(lambda wire: FetchSession(wire, pool, KEY))
@@ -541,3 +543,19 @@ def test_queued_slices_released_when_connection_lost(tmp_path: Any) -> None:
         assert sorted(outcomes) == [("first", False, 0), ("late", False, 0), ("second", False, 0)]
     finally:
         os.close(fd)
+
+
+def test_trickling_source_is_given_up_at_the_piece_deadline(stores: tuple[PeerStore, PeerStore]) -> None:
+    """A source that keeps the stall timer alive (bytes now and then) but is too slow is
+    given up once the oldest piece misses stall_timeout + size / min_rate."""
+    pair = make_pair(stores, silent=True)
+    pair.pool.min_rate = 1024 * 1024  # the ~1 MiB piece gets about STALL + 1 s
+    pair.session.request(pair.request(0))
+    for _ in range(3):
+        pair.clock.advance(STALL * 0.5)
+        pair.session._arm()  # as if a few bytes had arrived: the stall timer starts over
+        pair.pump.flush()
+    assert pair.results, "the piece was never given up"
+    error = pair.results[0][1]
+    assert error is not None and "too slow" in error
+    assert disconnected(pair.client)

@@ -14,7 +14,10 @@ C{slice} frame followed by, depending on C{--mode}:
 * C{slow}: a correct header, wrong data paced at C{--rate} bytes/s, the tail.
 
 It runs for at most C{--seconds}, stops on SIGTERM or SIGINT, and prints what
-it did (one line per event, a summary at the end) on stdout.
+it did on stdout: one line per event, and at the end a line
+C{liar ID: summary {...}} counting C{assigned}, C{claimed} (done reported
+without a fetch), C{gets}, C{served} (bad slices begun), C{completed} (bad
+slices sent whole) and C{nacks}.
 
     python -m dfly.devtools.liar --supernode HOST:PORT --url URL [--mode lie|garbage|truncate|slow]
         [--seconds 120] [--ready-file F] [--peer-id ID] [--rate BYTES] [--have RANGES]
@@ -36,6 +39,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from dfly.config import write_ready_file
 from dfly.errors import ProtocolError
 from dfly.pieces import TAIL, Layout, SliceHeader
 from dfly.wire.framing import MAX_CONTROL, decode_control, encode_control
@@ -271,20 +275,22 @@ class Liar:
             {"op": "slice", "task": task, "piece": piece, "len": info.data_len, "piece_size": info.piece_size},
         )
         header = SliceHeader(info.data_len, info.piece_size).encode()
+        # Counted once the bad slice is under way: a receiver that spots the lie early
+        # aborts the connection before the rest is sent.
+        self.count("served")
         self.say(f"serving a {self.mode} slice of piece {piece} ({info.data_len} bytes) to {who}")
         if self.mode == "garbage":
             self._stream(conn, os.urandom(info.data_len + len(header) + len(TAIL)))
         elif self.mode == "truncate":
             conn.sendall(header)
             self._stream(conn, wrong_bytes(info.data_len // 2))
-            self.count("served")
             conn.shutdown(socket.SHUT_RDWR)
             return False
         else:
             conn.sendall(header)
             self._stream(conn, wrong_bytes(info.data_len), self.rate if self.mode == "slow" else None)
             conn.sendall(TAIL)
-        self.count("served")
+        self.count("completed")
         return True
 
     def _stream(self, conn: socket.socket, data: bytes, rate: float | None = None) -> None:
@@ -317,14 +323,17 @@ class Liar:
         if not self.registered.wait(max(0.0, self.deadline - time.monotonic())):
             self.say("no answer to the registration")
         if ready_file and not self.stop.is_set():
-            write_ready(ready_file, {"port": self.port, "peer": self.peer_id, "pid": os.getpid(), "task": self.task_id})
+            write_ready_file(ready_file, {"port": self.port, "peer": self.peer_id, "pid": os.getpid(), "task": self.task_id})
         while not self.stop.is_set() and time.monotonic() < self.deadline and control.is_alive():
             self.stop.wait(min(POLL, max(0.0, self.deadline - time.monotonic())))
+        self.stop.set()
+        # Every thread notices the stop within POLL seconds (or when a send fails).
+        for t in [control, server, *self._threads]:
+            t.join(2)
         self.close()
-        control.join(2)
-        server.join(2)
 
     def close(self) -> None:
+        """Stop, close every socket and print the summary."""
         self.stop.set()
         for sock in [self.listener, self.control, *self._snapshot_conns()]:
             if sock is not None:
@@ -332,8 +341,6 @@ class Liar:
                     sock.close()
                 except OSError:
                     pass
-        for t in self._threads:
-            t.join(1)
         self.say("summary " + json.dumps(dict(sorted(self.counts.items()))))
 
     def _snapshot_conns(self) -> list[socket.socket]:
@@ -344,13 +351,6 @@ class Liar:
 def wrong_bytes(n: int) -> bytes:
     """C{n} bytes that are certainly not the real content of a random test file."""
     return (PATTERN * (n // len(PATTERN) + 1))[:n]
-
-
-def write_ready(path: str, info: dict[str, Any]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(info, f)
-    os.replace(tmp, path)
 
 
 def parse_hostport(text: str) -> tuple[str, int]:

@@ -69,6 +69,8 @@ class FetchSession:
         self.sent: deque[PieceRequest] = deque()
         self.current: PieceRequest | None = None
         self.timer: IDelayedCall | None = None
+        self.deadline: IDelayedCall | None = None
+        self.deadline_req: PieceRequest | None = None
         self.error: str | None = None
 
     def connection_made(self) -> None:
@@ -78,6 +80,25 @@ class FetchSession:
         self.sent.append(req)
         self.wire.send_control({"op": "get", "task": req.task.task_id, "piece": req.piece})
         self._arm()
+        self._arm_deadline()
+
+    def _arm_deadline(self) -> None:
+        """The oldest request must be done within the stall timeout plus its size at the
+        minimum rate: a source that trickles bytes cannot hold a piece forever."""
+        head = self.sent[0] if self.sent else None
+        if head is self.deadline_req:
+            return
+        if self.deadline is not None and self.deadline.active():
+            self.deadline.cancel()
+        self.deadline, self.deadline_req = None, head
+        if head is not None:
+            allowed = self.pool.stall_timeout + head.data_len / self.pool.min_rate
+            self.deadline = self.pool.reactor.callLater(allowed, self._too_slow, head, allowed)
+
+    def _too_slow(self, req: PieceRequest, allowed: float) -> None:
+        self.deadline = None
+        self.error = f"source too slow: piece {req.piece} not done within {allowed:.0f} s"
+        self.wire.close(abort=True)
 
     def _arm(self) -> None:
         """One timer: the stall timeout while requests are out, else the idle timeout."""
@@ -105,8 +126,10 @@ class FetchSession:
             raise BadControlMessage("answer does not match the oldest request")
         self._arm()
         if op == "nack":
+            reason = get_opt_str(msg, "reason", 512) or "?"
             self.sent.popleft()
-            req.finish(f"source refused: {get_opt_str(msg, 'reason', 512) or '?'}")
+            self._arm_deadline()
+            req.finish(f"source refused: {reason}")
             return
         self.current = req
         self.wire.expect_slice(req.task.piece_size, req.data_len, req.md5)
@@ -128,6 +151,7 @@ class FetchSession:
         req = self.sent.popleft()
         self.current = None
         self._arm()
+        self._arm_deadline()
         req.finish(req.local_error)
 
     def protocol_error(self, error: ProtocolError) -> None:
@@ -137,6 +161,9 @@ class FetchSession:
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         self.timer = None
+        if self.deadline is not None and self.deadline.active():
+            self.deadline.cancel()
+        self.deadline = None
         self.pool.lost(self.key, self)
         why = self.error or f"connection to source lost: {reason.getErrorMessage()}"
         while self.sent:
@@ -154,8 +181,10 @@ class SourcePool:
         stall_timeout: float = 30.0,
         connect_timeout: float = 10.0,
         idle_timeout: float = 60.0,
+        min_rate: float = 256 * 1024,
     ) -> None:
         self.reactor = reactor
+        self.min_rate = min_rate
         self.stall_timeout = stall_timeout
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout

@@ -157,6 +157,7 @@ class PeerNode:
         link_timeout: float = 10.0,
         keepalive: float = 20.0,
         cache_limit: int = 0,
+        min_rate: float = 256 * 1024,
         hasher: Callable[[str, int, int, Any], Deferred[None]] | None = None,
     ) -> None:
         self.reactor = reactor
@@ -168,7 +169,7 @@ class PeerNode:
         self.cache_limit = cache_limit
         self.link_timeout = link_timeout
         self.store = PeerStore(home)
-        self.sources = SourcePool(reactor, stall_timeout=stall_timeout)
+        self.sources = SourcePool(reactor, stall_timeout=stall_timeout, min_rate=min_rate)
         self.link = SupernodeLink(
             reactor, supernodes, self._link_up, self._link_down, self._control, keepalive=keepalive
         )

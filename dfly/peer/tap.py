@@ -38,6 +38,7 @@ class Options(usage.Options):
         ["expire", None, "600", "Seconds a finished file stays shared after its last use."],
         ["stall-timeout", None, "30", "Seconds without bytes before a source is given up."],
         ["idle-timeout", None, "60", "Seconds before an upload connection that shows no life is closed."],
+        ["min-rate", None, "256K", "Slowest a source may send a piece (bytes/s) before it is given up."],
         ["cache-limit", None, "0", "Drop finished files, least recently used first, above this size (0: no limit)."],
         ["keepalive", None, "20", "Seconds between pings on the supernode link (3 missed: reconnect)."],
         ["ready-file", None, None, "Write {\"port\": N, \"socket\": PATH} as JSON here once listening."],
@@ -59,6 +60,9 @@ class Options(usage.Options):
         self["idle-timeout"] = positive(float, "idle-timeout", self["idle-timeout"])
         self["keepalive"] = positive(float, "keepalive", self["keepalive"])
         self["cache-limit"] = parse_size(self["cache-limit"], "cache-limit")
+        self["min-rate"] = parse_size(self["min-rate"], "min-rate")
+        if self["min-rate"] <= 0:
+            raise usage.UsageError("--min-rate must be positive")
         self["home"] = os.path.abspath(self["home"])
 
 
@@ -92,6 +96,7 @@ class PeerService(Service):
             stall_timeout=config["stall-timeout"],
             keepalive=config["keepalive"],
             cache_limit=config["cache-limit"],
+            min_rate=config["min-rate"],
         )
         sock = socket_path(config["home"])
         if os.path.exists(sock):

@@ -9,6 +9,7 @@ connection drops the peer from scheduling at once and re-offers its work.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dfly.errors import BadControlMessage, DflyError, PieceUnavailable
-from dfly.pieces import OVERHEAD
+from dfly.pieces import OVERHEAD, Layout
 from dfly.supernode.cdn import Cdn, CdnTask
 from dfly.supernode.scheduler import CDN, Assignment, Scheduler
 from dfly.urls import check_url, filter_url, origin_headers, task_id_for
@@ -35,6 +36,7 @@ from dfly.wire.protocol import FramedProtocol, SliceSource
 from dfly.wire.serve import SliceServerSession
 
 PROTOCOL_VERSION = 1
+_PEER_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,200}$")
 
 
 @dataclass
@@ -144,8 +146,13 @@ class Supernode:
         task.last_access = self._reactor.seconds()
         if not session.wire.connected_open or self.sessions.get(session.peer_id) is not session:
             return
-        limit = task.piece_count if task.piece_count is not None else 1 << 24
-        have = decode_ranges(get_opt_str(msg, "have", 60000) or "", limit)
+        if task.piece_count is not None:
+            limit = task.piece_count
+        elif task.length is not None and task.piece_size:
+            limit = Layout(task.length, task.piece_size).count
+        else:
+            limit = len(task.piece_len)  # size unknown: only pieces already cached can be held
+        have = decode_ranges(get_opt_str(msg, "have", 60000) or "", limit, clamp=True)
         if get_opt_str(msg, "generation", 64) != task.generation:
             have = set()  # pieces of another version of the content are worthless here
         self.stats.setdefault((task.task_id, session.peer_id), MemberStats(joined=time.time()))
@@ -430,8 +437,8 @@ class SupernodeSession(SliceServerSession):
             if self.peer_id is not None:
                 raise BadControlMessage("second hello")
             peer_id = get_str(msg, "peer", 200)
-            if not peer_id or peer_id == CDN:
-                raise BadControlMessage("hello needs a peer id")
+            if not _PEER_ID.match(peer_id) or peer_id == CDN:
+                raise BadControlMessage("hello needs a peer id of letters, digits and ._:@-")
             self.port = get_int(msg, "port", 0, 65535)
             self.host = get_opt_str(msg, "host", 255) or self.wire.peer_host
             self.peer_id = peer_id

@@ -99,8 +99,12 @@ def encode_ranges(pieces: set[int] | frozenset[int]) -> str:
     return ",".join(out)
 
 
-def decode_ranges(text: str, limit: int) -> set[int]:
-    """Parse L{encode_ranges} text; every number must be below C{limit}."""
+def decode_ranges(text: str, limit: int, clamp: bool = False) -> set[int]:
+    """Parse L{encode_ranges} text; every number must be below C{limit}.
+
+    With C{clamp}, numbers at or above C{limit} are dropped instead of refused, so the
+    result never holds more than C{limit} numbers whatever the text claims.
+    """
     result: set[int] = set()
     if not text:
         return result
@@ -109,7 +113,11 @@ def decode_ranges(text: str, limit: int) -> set[int]:
         if match is None:
             raise BadControlMessage(f"bad piece range {part!r}")
         lo, hi = int(match[1]), int(match[2] or match[1])
-        if lo > hi or hi >= limit:
-            raise BadControlMessage(f"piece range {part!r} outside 0..{limit - 1}")
+        if lo > hi:
+            raise BadControlMessage(f"piece range {part!r} runs backwards")
+        if hi >= limit:
+            if not clamp:
+                raise BadControlMessage(f"piece range {part!r} outside 0..{limit - 1}")
+            hi = limit - 1
         result.update(range(lo, hi + 1))
     return result
