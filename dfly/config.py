@@ -39,8 +39,8 @@ def positive(kind: type, name: str, text: str) -> float:
         value = kind(text)
     except ValueError:
         raise usage.UsageError(f"--{name} must be a number, not {text!r}") from None
-    if value <= 0:
-        raise usage.UsageError(f"--{name} must be positive")
+    if not value > 0 or value == float("inf"):
+        raise usage.UsageError(f"--{name} must be a positive, finite number")
     return float(value)
 
 
@@ -67,3 +67,41 @@ def parse_size(text: str, name: str = "size") -> int:
     if value < 0:
         raise usage.UsageError(f"--{name} must not be negative")
     return int(value)
+
+
+def lock_home(home: str, role: str) -> object:
+    """Hold an exclusive lock on C{home} for this process; raise SystemExit if another has it.
+
+    The returned file must stay open for as long as the lock is to be held.
+    """
+    import fcntl
+
+    os.makedirs(home, exist_ok=True)
+    f = open(os.path.join(home, "lock"), "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise SystemExit(f"another {role} is already using {home}") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def stop_with_error(reactor: object, message: str) -> None:
+    """Stop the reactor (now or once it runs) and make the process exit with status 1."""
+    import sys
+
+    sys.stderr.write(f"{message}\n")
+
+    def stop() -> None:
+        r: object = reactor
+        r.addSystemEventTrigger("after", "shutdown", os._exit, 1)  # type: ignore[attr-defined]
+        r.stop()  # type: ignore[attr-defined]
+
+    if getattr(reactor, "running", False):
+        stop()
+    else:
+        reactor.callWhenRunning(stop)  # type: ignore[attr-defined]

@@ -10,17 +10,23 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
 from typing import Any, NoReturn, TextIO
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.endpoints import UNIXClientEndpoint, serverFromString
+from twisted.internet.protocol import Protocol
 from twisted.python import usage
 from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import UNKNOWN_LENGTH
 
 from dfly import __version__
 from dfly.config import data_home, parse_hostport, positive
@@ -34,6 +40,9 @@ from dfly.errors import (
     StorageError,
 )
 from dfly.urls import check_url, origin_headers, parse_header_lines
+
+BACK_SOURCE_IDLE = 60.0
+_BODY_DONE = Failure(ResponseDone())
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -118,6 +127,8 @@ class Options(dict[str, Any]):
             self["md5"] = md5
         if self["timeout"] is not None:
             self["timeout"] = positive(float, "timeout", self["timeout"])
+            if not math.isfinite(self["timeout"]):
+                raise usage.UsageError("--timeout must be a finite number of seconds")
         if self["home"] and self["supernode"]:
             raise usage.UsageError("give --home or --supernode, not both")
         if not self["output"]:
@@ -165,10 +176,13 @@ class Output:
     """The temporary file beside the output path, renamed into place only when verified."""
 
     def __init__(self, path: str) -> None:
-        self.path = os.path.abspath(path)
+        # Through a symlink to its target, so the link is kept and the file it names replaced.
+        self.path = os.path.realpath(path)
         directory = os.path.dirname(self.path)
         if os.path.isdir(self.path):
             raise OSError(f"{path} is a directory")
+        if os.path.exists(self.path) and not os.path.isfile(self.path):
+            raise OSError(f"{path} is not a regular file (a device, FIFO or socket is never replaced)")
         if not os.path.isdir(directory):
             raise OSError(f"directory {directory} does not exist")
         fd, self.tmp = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".", suffix=".dfly-part", dir=directory)
@@ -176,6 +190,9 @@ class Output:
         self.done = False
 
     def commit(self) -> None:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o666 & ~umask)  # as any new file would be, not mkstemp's 0600
         with open(self.tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(self.tmp, self.path)
@@ -323,37 +340,88 @@ async def in_process(reactor: Any, opts: Options, out: Output, reporter: Reporte
         reactor.removeSystemEventTrigger(trigger)
 
 
+class _FileSink(Protocol):
+    """Writes an origin body to a file, hashing it; fails on a stall or a broken body."""
+
+    def __init__(self, f: Any, total: int | None, reporter: Reporter, reactor: Any, idle: float) -> None:
+        self.f, self.total, self.reporter = f, total, reporter
+        self.md5 = hashlib.md5()
+        self.received = 0
+        self.done: Deferred[None] = Deferred()
+        self.idle = idle
+        self.timer = reactor.callLater(idle, self._stalled)
+        self.error: Exception | None = None
+
+    def _stalled(self) -> None:
+        self.error = OriginError(f"origin sent nothing for {self.idle:g} s")
+        transport: Any = self.transport
+        transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.timer.active():
+            self.timer.reset(self.idle)
+        try:
+            self.f.write(data)
+        except OSError as e:
+            self.error = StorageError(f"cannot write {self.f.name}: {e.strerror or e}")
+            transport: Any = self.transport
+            transport.stopProducing()
+            return
+        self.md5.update(data)
+        self.received += len(data)
+        self.reporter.progress(self.received, self.total)
+
+    def connectionLost(self, reason: Failure = _BODY_DONE) -> None:
+        if self.timer.active():
+            self.timer.cancel()
+        if self.error is not None:
+            self.done.errback(self.error)
+        elif reason.check(ResponseDone) or (reason.check(PotentialDataLoss) and self.total is None):
+            self.done.callback(None)
+        else:
+            self.done.errback(OriginError("origin connection failed mid-body"))
+
+
 async def back_source(reactor: Any, opts: Options, out: Output, reporter: Reporter) -> dict[str, Any]:
     """Plain streaming GET from the origin, with the same output rules."""
-    import treq
-    from twisted.web.iweb import UNKNOWN_LENGTH
+    from dfly.httpclient import OriginClient
 
     start = time.monotonic()
-    headers: Any = origin_headers(opts["header"])
-    response = await treq.request("GET", opts["url"], headers=headers, unbuffered=True, reactor=reactor)
-    if response.code != 200:
-        await treq.content(response)
-        raise OriginError(f"origin answered {response.code} {response.phrase.decode('latin-1')}", response.code)
+    client = OriginClient(reactor, persistent=False)
+    try:
+        response = await client.request("GET", opts["url"], headers=origin_headers(opts["header"]))
+    except CancelledError:
+        raise
+    except Exception as e:
+        raise OriginError(f"cannot fetch {opts['url']}: {describe_failure(e)}") from None
     total = None if response.length is UNKNOWN_LENGTH else response.length
-    h = hashlib.md5()
-    received = 0
+    if response.code != 200:
+        response.deliverBody(_Discard())
+        raise OriginError(f"origin answered {response.code} {response.phrase.decode('latin-1')}", response.code)
     with open(out.tmp, "wb") as f:
-
-        def write(chunk: bytes) -> None:
-            nonlocal received
-            f.write(chunk)
-            h.update(chunk)
-            received += len(chunk)
-            reporter.progress(received, total)
-
-        await treq.collect(response, write)
-    md5 = h.hexdigest()
-    if total is not None and received != total:
-        raise OriginError(f"origin sent {received} bytes, Content-Length said {total}")
+        sink = _FileSink(f, total, reporter, reactor, BACK_SOURCE_IDLE)
+        response.deliverBody(sink)
+        await sink.done
+    md5 = sink.md5.hexdigest()
+    if total is not None and sink.received != total:
+        raise OriginError(f"origin sent {sink.received} bytes, Content-Length said {total}")
     if opts["md5"] and md5 != opts["md5"]:
         raise IntegrityError(f"file md5 {md5} is not the expected {opts['md5']}")
     out.commit()
-    return {"length": received, "md5": md5, "seconds": round(time.monotonic() - start, 3), "from_origin": received}
+    return {"length": sink.received, "md5": md5, "seconds": round(time.monotonic() - start, 3), "from_origin": sink.received}
+
+
+class _Discard(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+
+def describe_failure(error: BaseException) -> str:
+    """A readable line for connection errors, including Twisted's wrapped ones."""
+    reasons = getattr(error, "reasons", None)
+    if reasons:
+        return "; ".join(r.getErrorMessage() for r in reasons)
+    return str(error) or type(error).__name__
 
 
 async def run(reactor: Any, opts: Options, stdout: TextIO, stderr: TextIO) -> int:
@@ -387,8 +455,6 @@ async def run(reactor: Any, opts: Options, stdout: TextIO, stderr: TextIO) -> in
     except Exception as e:  # every failure becomes one line and an exit code
         out.discard()
         reporter.end()
-        from twisted.internet.defer import CancelledError
-
         if isinstance(e, CancelledError) and timer is not None and not timer.active():
             e = DownloadTimeout(f"timed out after {opts['timeout']:g} s")
         stderr.write(f"dfget: {describe(e)}\n")
@@ -429,8 +495,12 @@ def main(argv: list[str] | None = None) -> None:
         default_home = data_home("peer")
         if os.path.exists(os.path.join(default_home, "dfly.sock")):
             opts["home"] = default_home
+    from twisted.internet import reactor as _reactor
     from twisted.internet import task
 
+    # SIGHUP (a closed terminal) stops cleanly too, so no temporary file is left behind.
+    r: Any = _reactor
+    signal.signal(signal.SIGHUP, lambda *_: r.callFromThread(r.stop))
     codes: list[int] = []
 
     async def go(reactor: Any) -> None:

@@ -119,3 +119,17 @@ class Layout:
 def wrap(data: bytes, piece_size: int) -> bytes:
     """A whole slice for small C{data}: used by tests and by tools, never on a hot path."""
     return SliceHeader(len(data), piece_size).encode() + bytes(data) + TAIL
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write all of C{data} at C{offset}: a short write (a filling disk) is retried, and
+    an error such as ENOSPC is raised rather than silently losing bytes."""
+    import os
+
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(28, "No space left on device")
+        view = view[n:]
+        offset += n

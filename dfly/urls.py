@@ -52,12 +52,30 @@ def filter_url(url: str, keys: list[str] | tuple[str, ...]) -> str:
     return urlunsplit(parts._replace(query="&".join(kept)))
 
 
-def task_id_for(task_url: str, sign: str = "") -> str:
-    """The task id: one task for every client asking for the same filtered URL and sign.
+# Headers that carry a client's credentials: clients with different ones never share a task,
+# so nobody obtains through the swarm what the origin would refuse them.
+CREDENTIAL_HEADERS = frozenset({"authorization", "cookie"})
 
-    C{sign} is the expected md5 when one is given, else the identifier, else empty.
+
+def credential_key(lines: list[str]) -> str:
+    """A digest of the credential headers among C{lines} ("" when there are none)."""
+    creds = sorted(f"{n.lower()}:{v}" for n, v in parse_header_lines(lines) if n.lower() in CREDENTIAL_HEADERS)
+    if not creds:
+        return ""
+    return hashlib.sha256("\n".join(creds).encode("utf-8")).hexdigest()[:32]
+
+
+def task_id_for(task_url: str, sign: str = "", credentials: str = "") -> str:
+    """The task id: one task for every client asking for the same filtered URL and sign
+    with the same credentials.
+
+    C{sign} is the expected md5 when one is given, else the identifier, else empty;
+    C{credentials} is L{credential_key} of the client's headers.
     """
-    return hashlib.sha256(b"dfly-task\0" + task_url.encode() + b"\0" + sign.encode()).hexdigest()
+    data = b"dfly-task\0" + task_url.encode() + b"\0" + sign.encode()
+    if credentials:
+        data += b"\0" + credentials.encode()
+    return hashlib.sha256(data).hexdigest()
 
 
 def parse_header_lines(lines: list[str]) -> list[tuple[str, str]]:

@@ -12,7 +12,7 @@ A bug found this way goes in L{KNOWN_BUGS} while it is open (the property
 tests then step over the inputs that trigger it, so they keep guarding
 everything else) with a minimal reproduction marked C{xfail(strict=True)};
 once fixed, the entry and the marker go and the reproduction stays as a
-regression test.  The ones below are fixed.
+regression test.
 """
 
 from __future__ import annotations
@@ -372,3 +372,21 @@ def test_regression_have_range_costs_memory_per_claimed_piece(supernode: World) 
     finally:
         tracemalloc.stop()
     assert peak < 8 * 1024 * 1024, f"{peak / 2**20:.0f} MiB for one 80-byte frame"
+
+
+def test_regression_register_with_surrogate_identifier_is_refused(supernode: World) -> None:
+    """A register whose identifier holds a lone surrogate (valid JSON: "\\ud800") is refused or
+    handled, not a UnicodeEncodeError escaping dataReceived."""
+    feed_all(supernode, [HELLO, {"op": "register", "req": 1, "url": fuzz.FILE_URL, "identifier": "\ud800"}])
+
+
+def test_regression_local_api_download_with_surrogate_identifier_fails_cleanly(localapi: World) -> None:
+    """A dfget asking the local API for a download whose identifier holds a lone surrogate gets
+    a failure, not a UnicodeEncodeError escaping dataReceived."""
+    feed_all(localapi, [{"op": "download", "url": fuzz.FILE_URL, "identifier": "\ud800"}])
+
+
+def test_regression_local_api_download_with_surrogate_md5_fails_cleanly(localapi: World) -> None:
+    """A dfget asking the local API for a download whose md5 is not 32 hex digits (here a lone
+    surrogate) gets a failure, not a UnicodeEncodeError escaping dataReceived."""
+    feed_all(localapi, [{"op": "download", "url": fuzz.FILE_URL, "md5": "\udfff"}])

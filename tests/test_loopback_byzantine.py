@@ -172,24 +172,30 @@ def test_downloader_facing_only_bad_sources_gets_the_file_from_the_supernode(swa
 
 
 def test_trickling_liar_does_not_hold_a_download_hostage(swarm: Swarm, files: str) -> None:
-    """A liar that claims every piece and then answers at 1 KB/s (never silent, so the
-    5 s stall timeout never fires) should not keep an honest peer from a 4 MiB file that the
-    supernode holds in full: the download should finish within 20 s.  Today the peer waits
-    on the liar's slices (about 17 minutes each) and the scheduler never offers the CDN
-    while the liar, not blacklisted, holds the piece."""
-    size = 4 * MIB
+    """A liar that claims every piece and then answers at 1 KB/s (never silent, so the 5 s
+    stall timeout never fires) does not keep an honest peer from a file the supernode holds
+    in full: every piece is a full 1 MiB slice (about 17 minutes each at that rate), yet the
+    peer gives the liar up (per-piece deadline from --min-rate), reports it, and finishes
+    from the supernode within 20 s with the right bytes."""
+    size = 4 * PIECE_DATA  # no short last piece the liar could finish quickly
     src = make_file(files, "t.bin", size, seed=3)
     swarm.start_origin(files)
     swarm.start_supernode("--piece-size", "1")
     url = swarm.origin_url("t.bin")
     liar = start_liar(swarm, url, "slow", "--rate", "1000", "--seconds", "90")
     liar_id = liar.info["peer"]
-    wait_for(lambda: peers_of(swarm, "/t.bin")[liar_id]["pieces"] == 5, 20, "the liar to claim every piece")
+    wait_for(lambda: peers_of(swarm, "/t.bin")[liar_id]["pieces"] == 4, 20, "the liar to claim every piece")
     swarm.start_peer("victim", "--stall-timeout", "5")
     out = os.path.join(swarm.root, "victim.out")
+    t0 = time.monotonic()
     r = swarm.dfget(url, out, "--timeout", "20", peer="victim", timeout=60)
     assert r.returncode == 0, r.stderr
+    assert time.monotonic() - t0 < 20
     assert sha256(out) == sha256(src)
+    assert json.loads(r.stdout)["from_peers"] == 0
+    assert failures_from(swarm.peers["victim"].log, liar_id), "the victim never reported the liar"
+    counts = stop_liar(liar)
+    assert counts.get("served", 0) >= 1 and counts.get("completed", 0) == 0, counts
 
 
 def vm_hwm_kib(pid: int) -> int:
@@ -202,15 +208,17 @@ def vm_hwm_kib(pid: int) -> int:
 
 def test_claiming_a_huge_have_range_costs_the_supernode_little(swarm: Swarm, files: str) -> None:
     """A register frame is a few dozen bytes; a liar claiming 'have: 0-499999' for a task
-    whose piece count is not known yet (slow origin) must not make the supernode allocate
-    more than 50 MB.  Today each claimed number becomes a set entry and a holder set (about
-    180 MB here; 0-16777215 costs gigabytes and blocks the reactor for seconds)."""
+    whose piece count is not known yet (slow origin) does not make the supernode allocate
+    more than 50 MB (before claims were clamped, every claimed number became a set entry
+    and a holder set: about 180 MB here, gigabytes for 0-16777215), and the liar is not
+    credited with more pieces than the file can have."""
     make_file(files, "h.bin", 2 * MIB)
     swarm.start_origin(files, "--rate", "256K")
     info = swarm.start_supernode("--piece-size", "1")
     before = vm_hwm_kib(info["pid"])
-    start_liar(swarm, swarm.origin_url("h.bin"), "lie", "--have", "0-499999")
+    liar = start_liar(swarm, swarm.origin_url("h.bin"), "lie", "--have", "0-499999")
     swarm.api()  # the reactor has digested the registration
     grown_mb = (vm_hwm_kib(info["pid"]) - before) / 1024
     print(f"supernode peak RSS grew by {grown_mb:.0f} MB for one register frame")
     assert grown_mb < 50
+    assert peers_of(swarm, "/h.bin")[liar.info["peer"]]["pieces"] <= 3

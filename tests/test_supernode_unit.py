@@ -70,10 +70,10 @@ def env(tmp_path: Any) -> Iterator[Env]:
 
 
 def connect(
-    node: Supernode, peer_id: str, port: int = 4000, host: str | None = None
+    node: Supernode, peer_id: str, port: int = 4000, host: str | None = None, addr: str | None = None
 ) -> tuple[SupernodeSession, StubWire]:
-    """A peer session that has said hello."""
-    wire = StubWire(host=f"10.0.0.{len(node.sessions) + 1}")
+    """A peer session that has said hello (from C{addr}, by default an address of its own)."""
+    wire = StubWire(host=addr or f"10.0.0.{len(node.sessions) + 1}")
     session = SupernodeSession(wire, node)  # type: ignore[arg-type]
     session.connection_made()
     hello: dict[str, Any] = {"op": "hello", "peer": peer_id, "port": port}
@@ -379,10 +379,10 @@ def test_lost_peer_dropped_and_work_reoffered(env: Env) -> None:
 
 
 def test_reconnect_replaces_old_session(env: Env) -> None:
-    """A second hello with the same peer id closes the old connection; the old session's later
-    loss does not drop the new one."""
-    old, old_wire = connect(env.node, "p1")
-    new, _ = connect(env.node, "p1")
+    """A second hello with the same peer id from the same host closes the old connection; the
+    old session's later loss does not drop the new one."""
+    old, old_wire = connect(env.node, "p1", addr="10.0.0.7")
+    new, _ = connect(env.node, "p1", addr="10.0.0.7")
     assert old_wire.closed == "close"
     assert env.node.sessions["p1"] is new
     old.connection_lost(Failure(ConnectionDone()))
@@ -468,3 +468,13 @@ def test_md5_and_identifier_split_tasks(env: Env) -> None:
     env.http.respond(0, FakeResponse(200, [b"hello"]))
     (failed,) = w1.ops("task_failed")
     assert failed["kind"] == "IntegrityError" and failed["task"] == task_id_for(URL, "0" * 32)
+
+
+def test_live_peer_id_cannot_be_taken_from_another_host(env: Env) -> None:
+    """A hello reusing the id of a live peer from another host is refused (the connection is
+    closed by the protocol error); the live peer keeps its session."""
+    live, live_wire = connect(env.node, "p1", addr="10.0.0.7")
+    thief = SupernodeSession(StubWire(host="10.0.0.66"), env.node)  # type: ignore[arg-type]
+    with pytest.raises(BadControlMessage):
+        thief.control_received({"op": "hello", "peer": "p1", "port": 4000})
+    assert env.node.sessions["p1"] is live and not live_wire.closed

@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(os.path.join(workdir, "swarm"), ignore_errors=True)
     os.makedirs(workdir, exist_ok=True)
     src = os.path.abspath(args.file) if args.file else find_real_file(workdir)
+    if not os.path.isfile(src) or os.path.getsize(src) == 0:
+        p.error(f"--file {args.file} is not a non-empty regular file")
     size = os.path.getsize(src)
     files = os.path.join(workdir, "files")
     os.makedirs(files, exist_ok=True)

@@ -103,6 +103,8 @@ BAD_URLS = [
     "HTTP://ORIGIN.FUZZ/file.bin", f"{ORIGIN}/x?%zz&sig", "http://[::1]:0/x", "http://origin.fuzz:-1/",
     "http://ori gin.fuzz/", "http://origin.fuzz/\r\nX: y", "//origin.fuzz/x", "http:origin.fuzz",
 ]
+# md5s and identifiers that are strings but not plain text.
+ODD_SIGNS = ["\ud800", "\udfff" * 32, "é☃", "x" * 600, "", "G" * 32]
 HEADER_LISTS = [
     ["X-A: b"], ["Bad"], [": x"], ["Range: bytes=0-1"], ["X: a\r\nY: b"], ["A: b"] * 65, [],
     ["\u2603: x"], ["X: \u2603"], ["X: \ud800"], ["X\x00: y"], ["Host: evil.example"],
@@ -685,9 +687,9 @@ class SupernodeWorld(World):
             if rng.random() < 0.1:
                 msg["filter"] = ["sig"]
             if rng.random() < 0.1:
-                msg["md5"] = rng.choice([hashlib.md5(FILE_CONTENT).hexdigest(), "0" * 32])
+                msg["md5"] = rng.choice([hashlib.md5(FILE_CONTENT).hexdigest(), "0" * 32, *ODD_SIGNS])
             if rng.random() < 0.1:
-                msg["identifier"] = "v1"
+                msg["identifier"] = rng.choice(["v1", "v1", *ODD_SIGNS])
             return msg
         if op in ("done", "fail"):
             msg = {"op": op, "task": task, "piece": piece, "source": rng.choice(["cdn", "resident", "p1", "nobody"])}
@@ -980,9 +982,9 @@ class LocalApiWorld(_PeerWorld):
         if rng.random() < 0.2:
             msg["filter"] = ["sig"]
         if rng.random() < 0.2:
-            msg["md5"] = rng.choice([hashlib.md5(FILE_CONTENT).hexdigest().upper(), "0" * 32, None])
+            msg["md5"] = rng.choice([hashlib.md5(FILE_CONTENT).hexdigest().upper(), "0" * 32, None, *ODD_SIGNS])
         if rng.random() < 0.2:
-            msg["identifier"] = "v1"
+            msg["identifier"] = rng.choice(["v1", "v1", *ODD_SIGNS])
         return msg
 
 

@@ -47,10 +47,11 @@ from dfly.wire.framing import MAX_CONTROL, decode_control, encode_control
 MODES = ("lie", "garbage", "truncate", "slow")
 CHUNK = 64 * 1024
 POLL = 0.2  # seconds between checks of the stop flag while blocked on a socket
+PING_EVERY = 20.0  # the supernode closes control connections that show no life
 PATTERN = b"dfly-liar-wrong-bytes:"
 
 
-class Closed(Exception):
+class Closed(ConnectionError):
     """The other side closed the connection (or broke the framing)."""
 
 
@@ -129,6 +130,7 @@ class Liar:
         self.stop = threading.Event()
         self.counts: Counter[str] = Counter()
         self._lock = threading.Lock()
+        self._control_lock = threading.Lock()  # the control and main threads both write
         self._pieces: dict[tuple[str, int], PieceInfo] = {}
         self._layouts: dict[str, Layout] = {}
         self._threads: list[threading.Thread] = []
@@ -153,9 +155,8 @@ class Liar:
         """Say hello and register the task; returns once the hello is sent."""
         sock = socket.create_connection(self.supernode, timeout=10)
         self.control = sock
-        self._send(sock, {"op": "hello", "peer": self.peer_id, "port": self.port, "host": self.host})
-        self._send(
-            sock,
+        self._send_control({"op": "hello", "peer": self.peer_id, "port": self.port, "host": self.host})
+        self._send_control(
             {
                 "op": "register",
                 "req": 1,
@@ -177,12 +178,13 @@ class Liar:
         while not self.stop.is_set():
             try:
                 msg = reader.read()
-            except Closed as e:
-                self.say(f"supernode connection ended: {e}")
+                if msg is None:
+                    break
+                self._on_control(msg)
+            except OSError as e:  # Closed included
+                if not self.stop.is_set():
+                    self.say(f"supernode connection ended: {e}")
                 break
-            if msg is None:
-                break
-            self._on_control(msg)
 
     def _on_control(self, msg: dict[str, Any]) -> None:
         op = msg.get("op")
@@ -215,7 +217,7 @@ class Liar:
             self._pieces[(task, piece)] = PieceInfo(int(msg["piece_size"]), int(msg["len"]))
         self.count("assigned")
         # The lie: claim the piece at once without fetching a byte of it.
-        self._send(self.control, {"op": "done", "task": task, "piece": piece, "source": source_id})
+        self._send_control({"op": "done", "task": task, "piece": piece, "source": source_id})
         self.count("claimed")
         self.say(f"claimed piece {piece} (assigned from {source_id}) without fetching it")
 
@@ -247,7 +249,7 @@ class Liar:
                     break
                 if not self._answer(conn, who, str(msg.get("task")), int(msg.get("piece", -1))):
                     break
-        except (Closed, OSError) as e:
+        except OSError as e:  # Closed included
             self.say(f"connection from {who} ended: {e}")
         finally:
             with self._lock:
@@ -282,14 +284,14 @@ class Liar:
         if self.mode == "garbage":
             self._stream(conn, os.urandom(info.data_len + len(header) + len(TAIL)))
         elif self.mode == "truncate":
-            conn.sendall(header)
+            self._write(conn, header)
             self._stream(conn, wrong_bytes(info.data_len // 2))
             conn.shutdown(socket.SHUT_RDWR)
             return False
         else:
-            conn.sendall(header)
+            self._write(conn, header)
             self._stream(conn, wrong_bytes(info.data_len), self.rate if self.mode == "slow" else None)
-            conn.sendall(TAIL)
+            self._write(conn, TAIL)
         self.count("completed")
         return True
 
@@ -302,7 +304,7 @@ class Liar:
         while sent < len(view):
             if self.stop.is_set():
                 raise Closed("stopping")
-            conn.sendall(view[sent : sent + chunk])
+            self._write(conn, view[sent : sent + chunk])
             sent += min(chunk, len(view) - sent)
             if rate:
                 ahead = start + sent / rate - time.monotonic()
@@ -311,7 +313,28 @@ class Liar:
 
     # -- plumbing --------------------------------------------------------------------
     def _send(self, sock: socket.socket, msg: dict[str, Any]) -> None:
-        sock.sendall(encode_control(msg))
+        self._write(sock, encode_control(msg))
+
+    def _send_control(self, msg: dict[str, Any]) -> None:
+        assert self.control is not None
+        with self._control_lock:
+            self._send(self.control, msg)
+
+    def _write(self, sock: socket.socket, data: bytes | memoryview) -> None:
+        """Send all of C{data}, however long the receiver takes to read, until stopped.
+
+        Sockets have a short timeout (so that reads notice a stop); a slow reader must
+        not look like a closed connection, so a send that times out is simply retried.
+        """
+        view = memoryview(data)
+        while view:
+            if self.stop.is_set():
+                raise Closed("stopping")
+            try:
+                n = sock.send(view)
+            except TimeoutError:
+                continue
+            view = view[n:]
 
     def run(self, ready_file: str | None = None) -> None:
         """Connect, serve and lie until the deadline or a stop, then clean up."""
@@ -324,8 +347,15 @@ class Liar:
             self.say("no answer to the registration")
         if ready_file and not self.stop.is_set():
             write_ready_file(ready_file, {"port": self.port, "peer": self.peer_id, "pid": os.getpid(), "task": self.task_id})
+        next_ping = time.monotonic() + PING_EVERY
         while not self.stop.is_set() and time.monotonic() < self.deadline and control.is_alive():
             self.stop.wait(min(POLL, max(0.0, self.deadline - time.monotonic())))
+            if time.monotonic() >= next_ping:
+                next_ping += PING_EVERY
+                try:
+                    self._send_control({"op": "ping"})
+                except OSError:
+                    break
         self.stop.set()
         # Every thread notices the stop within POLL seconds (or when a send fails).
         for t in [control, server, *self._threads]:

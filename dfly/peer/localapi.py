@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 
 from dfly.errors import BadControlMessage, DflyError, OriginError, ProtocolError
 from dfly.peer.node import DownloadRequest, DownloadResult, PeerNode, stats_line
-from dfly.wire.messages import get_opt_str, get_str, get_str_list
+from dfly.wire.messages import get_md5, get_opt_str, get_str, get_str_list
 from dfly.wire.protocol import FramedProtocol
 
 
@@ -39,12 +39,12 @@ class LocalApiSession:
     def control_received(self, msg: dict[str, Any]) -> None:
         if msg["op"] != "download" or self.pending is not None or self.leased is not None:
             raise BadControlMessage(f"unexpected op {msg['op']!r}")
-        md5 = get_opt_str(msg, "md5", 32)
+        md5 = get_md5(msg, "md5") if msg.get("md5") else None
         request = DownloadRequest(
             url=get_str(msg, "url"),
             headers=get_str_list(msg, "headers", 64),
             filters=get_str_list(msg, "filter", 64),
-            md5=md5.lower() if md5 else None,
+            md5=md5,
             identifier=get_opt_str(msg, "identifier", 512),
         )
         d = self.node.download(request, self._progress)

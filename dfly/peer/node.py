@@ -17,6 +17,7 @@ task's md5, so at the end only the last pieces remain to be hashed.
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import uuid
 from collections.abc import Callable
@@ -40,7 +41,8 @@ from dfly.peer.fetch import PieceRequest, SourcePool
 from dfly.peer.link import SupernodeLink
 from dfly.peer.store import PeerStore
 from dfly.pieces import check_piece_size
-from dfly.urls import check_url, filter_url, task_id_for
+from dfly.urls import check_url, credential_key, filter_url, parse_header_lines, task_id_for
+from dfly.wire.framing import MAX_CONTROL
 from dfly.wire.messages import (
     encode_ranges,
     get_int,
@@ -66,7 +68,8 @@ class DownloadRequest:
 
     @property
     def task_id(self) -> str:
-        return task_id_for(filter_url(self.url, self.filters), self.md5 or self.identifier or "")
+        sign = self.md5 or self.identifier or ""
+        return task_id_for(filter_url(self.url, self.filters), sign, credential_key(self.headers))
 
 
 @dataclass
@@ -179,6 +182,7 @@ class PeerNode:
         self._by_req: dict[int, Download] = {}
         self._hash_range = hasher or self._hash_in_thread
         self._expiry: Any = None
+        self._orphaned: Any = None
 
     # -- lifecycle -----------------------------------------------------------
     def start(self, upload_port: int) -> None:
@@ -189,6 +193,8 @@ class PeerNode:
     def stop(self) -> None:
         if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
+        if self._orphaned is not None and self._orphaned.active():
+            self._orphaned.cancel()
         for dl in list(self.downloads.values()):
             self._fail(dl, DflyError("peer is shutting down"))
         self.link.stop()
@@ -200,9 +206,13 @@ class PeerNode:
         """Fetch C{request} through the swarm; the Deferred fires once it is verified."""
         try:
             check_url(request.url)
-        except DflyError as e:
-            return fail(e)
-        task_id = request.task_id
+            parse_header_lines(request.headers)
+            task_id = request.task_id
+            size = len(json.dumps(self._register_msg(request, 0, "", None)))
+        except (DflyError, UnicodeError, ValueError) as e:
+            return fail(DflyError(str(e)))
+        if size > MAX_CONTROL - 4096:
+            return fail(DflyError(f"request too large ({size} bytes of URL and headers)"))
         dl = self.downloads.get(task_id)
         if dl is not None and dl.state == "done" and dl.store is not None:
             dl.store.last_access = self.clock()
@@ -240,17 +250,35 @@ class PeerNode:
 
     # -- supernode link ------------------------------------------------------
     def _link_up(self) -> None:
+        if self._orphaned is not None and self._orphaned.active():
+            self._orphaned.cancel()
+        self._orphaned = None
         hello: dict[str, Any] = {"op": "hello", "peer": self.peer_id, "port": self.upload_port}
         if self.advertise_host:
             hello["host"] = self.advertise_host
         self.link.send(hello)
-        for dl in self.downloads.values():
+        for dl in list(self.downloads.values()):
             if dl.state != "failed":
-                self._register(dl)
+                try:
+                    self._register(dl)
+                except DflyError as e:  # one bad entry must not keep the others unregistered
+                    self._fail(dl, e)
 
     def _link_down(self) -> None:
         # Assignments from the lost supernode are void; pieces in flight may still finish.
-        pass
+        # If no supernode comes back in time, unfinished downloads fail (dfget then goes to
+        # the origin) rather than waiting forever.
+        if self._orphaned is None:
+            self._orphaned = self.reactor.callLater(self.link_timeout, self._link_gone)
+
+    def _link_gone(self) -> None:
+        self._orphaned = None
+        if self.link.connected:
+            return
+        error = NoSupernode(f"lost the supernode and could not reconnect within {self.link_timeout:g} s")
+        for dl in list(self.downloads.values()):
+            if dl.state not in ("done", "failed"):
+                self._fail(dl, error, leave=False)
 
     def _register(self, dl: Download) -> None:
         self._req += 1
@@ -259,19 +287,24 @@ class PeerNode:
         dl.req_id = self._req
         self._by_req[self._req] = dl
         store = dl.store
-        msg = {
-            "op": "register",
-            "req": dl.req_id,
-            "url": dl.request.url,
-            "filter": dl.request.filters,
-            "headers": dl.request.headers,
-            "md5": dl.request.md5,
-            "identifier": dl.request.identifier,
-            "have": encode_ranges(set(store.have)) if store is not None else "",
-            "generation": dl.generation,
-        }
+        have = encode_ranges(set(store.have)) if store is not None else ""
+        msg = self._register_msg(dl.request, dl.req_id, have, dl.generation)
         if not self.link.send(msg) and dl.link_timer is None and dl.state == "waiting":
             dl.link_timer = self.reactor.callLater(self.link_timeout, self._no_link, dl)
+
+    @staticmethod
+    def _register_msg(request: DownloadRequest, req: int, have: str, generation: str | None) -> dict[str, Any]:
+        return {
+            "op": "register",
+            "req": req,
+            "url": request.url,
+            "filter": request.filters,
+            "headers": request.headers,
+            "md5": request.md5,
+            "identifier": request.identifier,
+            "have": have,
+            "generation": generation,
+        }
 
     def _no_link(self, dl: Download) -> None:
         dl.link_timer = None

@@ -14,7 +14,7 @@ import shutil
 from dataclasses import dataclass, field
 
 from dfly.errors import PieceUnavailable
-from dfly.pieces import OVERHEAD, TAIL, SliceHeader
+from dfly.pieces import OVERHEAD, TAIL, SliceHeader, pwrite_all
 from dfly.wire.protocol import SliceSource
 
 
@@ -43,7 +43,7 @@ class StoredTask:
         """Write slice data of an unverified piece at C{pos} within the piece."""
         if piece in self.have:
             return
-        os.pwrite(self.fd, data, self.data_offset(piece) + pos)
+        pwrite_all(self.fd, data, self.data_offset(piece) + pos)
 
     def mark(self, piece: int, data_len: int) -> None:
         """The piece's slice passed its md5 check."""

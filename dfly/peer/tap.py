@@ -14,9 +14,11 @@ from twisted.python import usage
 from dfly.config import (
     DEFAULT_PEER_PORT,
     data_home,
+    lock_home,
     parse_hostport,
     parse_size,
     positive,
+    stop_with_error,
     write_ready_file,
 )
 from dfly.peer.localapi import LocalApiSession
@@ -40,6 +42,7 @@ class Options(usage.Options):
         ["idle-timeout", None, "60", "Seconds before an upload connection that shows no life is closed."],
         ["min-rate", None, "256K", "Slowest a source may send a piece (bytes/s) before it is given up."],
         ["cache-limit", None, "0", "Drop finished files, least recently used first, above this size (0: no limit)."],
+        ["link-timeout", None, "30", "Seconds without any supernode before unfinished downloads fail."],
         ["keepalive", None, "20", "Seconds between pings on the supernode link (3 missed: reconnect)."],
         ["ready-file", None, None, "Write {\"port\": N, \"socket\": PATH} as JSON here once listening."],
     ]
@@ -59,6 +62,7 @@ class Options(usage.Options):
         self["stall-timeout"] = positive(float, "stall-timeout", self["stall-timeout"])
         self["idle-timeout"] = positive(float, "idle-timeout", self["idle-timeout"])
         self["keepalive"] = positive(float, "keepalive", self["keepalive"])
+        self["link-timeout"] = positive(float, "link-timeout", self["link-timeout"])
         self["cache-limit"] = parse_size(self["cache-limit"], "cache-limit")
         self["min-rate"] = parse_size(self["min-rate"], "min-rate")
         if self["min-rate"] <= 0:
@@ -86,7 +90,8 @@ class PeerService(Service):
     def startService(self) -> None:
         super().startService()
         reactor, config = self._reactor, self._config
-        os.makedirs(config["home"], exist_ok=True)
+        # Before anything touches the home: a second daemon must not wipe the first one's files.
+        self._lock = lock_home(config["home"], "dfly-peer")
         node = self.node = PeerNode(
             reactor,
             config["home"],
@@ -95,6 +100,7 @@ class PeerService(Service):
             expire=config["expire"],
             stall_timeout=config["stall-timeout"],
             keepalive=config["keepalive"],
+            link_timeout=config["link-timeout"],
             cache_limit=config["cache-limit"],
             min_rate=config["min-rate"],
         )
@@ -119,7 +125,7 @@ class PeerService(Service):
             if failures:
                 for f in failures:
                     self._log.failure("cannot listen", failure=f)
-                reactor.stop()
+                stop_with_error(reactor, f"dfly-peer: cannot listen: {failures[0].getErrorMessage()}")
                 return
             port = self._ports[0].getHost().port
             self._log.info(

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -47,7 +47,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from dfly.errors import IntegrityError, OriginError, StorageError
-from dfly.pieces import OVERHEAD, TAIL, SliceHeader, default_piece_size
+from dfly.pieces import OVERHEAD, TAIL, SliceHeader, default_piece_size, pwrite_all
 
 _RESPONSE_DONE = Failure(ResponseDone())
 
@@ -185,7 +185,7 @@ class Cdn:
         else:
             resume = None
             self._log.info("fetching {url} for task {task_id}", url=task.url, task_id=task.task_id)
-        d = self._http.request("GET", task.url, headers=headers, unbuffered=True)
+        d = maybeDeferred(self._http.request, "GET", task.url, headers=headers, unbuffered=True)
         timer = self._reactor.callLater(self._idle_timeout, d.cancel)
         d.addBoth(self._cancel_timer, timer)
         d.addCallback(self._got_response, task, resume)
@@ -405,7 +405,7 @@ class Cdn:
             headers[b"If-None-Match"] = [task.etag.encode("latin-1")]
         if task.last_modified:
             headers[b"If-Modified-Since"] = [task.last_modified.encode("latin-1")]
-        d = self._http.request("GET", task.url, headers=headers, unbuffered=True)
+        d = maybeDeferred(self._http.request, "GET", task.url, headers=headers, unbuffered=True)
         timer = self._reactor.callLater(self._idle_timeout, d.cancel)
         d.addBoth(self._cancel_timer, timer)
 
@@ -519,7 +519,7 @@ class Slicer(Protocol):
             while pos < len(view):
                 take = min(self._cap - self._fill, len(view) - pos)
                 chunk = view[pos : pos + take]
-                os.pwrite(self._fd, chunk, self._piece * self._p + 4 + self._fill)
+                pwrite_all(self._fd, chunk, self._piece * self._p + 4 + self._fill)
                 self._piece_md5.update(chunk)
                 self._fill += take
                 pos += take
@@ -530,8 +530,8 @@ class Slicer(Protocol):
 
     def _close_piece(self, header: bytes, md5: Any) -> None:
         n, base = self._piece, self._piece * self._p
-        os.pwrite(self._fd, header, base)
-        os.pwrite(self._fd, TAIL, base + 4 + self._fill)
+        pwrite_all(self._fd, header, base)
+        pwrite_all(self._fd, TAIL, base + 4 + self._fill)
         md5.update(TAIL)
         self._task.piece_md5[n] = md5.hexdigest()
         self._task.piece_len[n] = self._fill

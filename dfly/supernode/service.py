@@ -22,7 +22,7 @@ from dfly.errors import BadControlMessage, DflyError, PieceUnavailable
 from dfly.pieces import OVERHEAD, Layout
 from dfly.supernode.cdn import Cdn, CdnTask
 from dfly.supernode.scheduler import CDN, Assignment, Scheduler
-from dfly.urls import check_url, filter_url, origin_headers, task_id_for
+from dfly.urls import check_url, credential_key, filter_url, origin_headers, task_id_for
 from dfly.wire.messages import (
     decode_ranges,
     get_int,
@@ -103,6 +103,9 @@ class Supernode:
     # -- peer requests -----------------------------------------------------
     def hello(self, session: SupernodeSession, peer_id: str) -> None:
         old = self.sessions.get(peer_id)
+        if old is not None and old is not session and old.wire.connected_open and old.wire.peer_host != session.wire.peer_host:
+            # A live peer keeps its id against a newcomer from elsewhere (no hijacking by id).
+            raise BadControlMessage(f"peer id {peer_id} is in use by a live peer")
         if old is not None and old is not session:
             self._log.info("peer {peer_id} reconnected; closing its old connection", peer_id=peer_id)
             self._peer_gone(peer_id)
@@ -112,17 +115,19 @@ class Supernode:
     def register(self, session: SupernodeSession, msg: dict[str, Any]) -> None:
         assert session.peer_id is not None
         req = get_int(msg, "req")
-        url = get_str(msg, "url")
         try:
+            url = get_str(msg, "url")
             check_url(url)
-            headers = origin_headers(get_str_list(msg, "headers", 64))
-        except DflyError as e:
+            lines = get_str_list(msg, "headers", 64)
+            headers = origin_headers(lines)
+            task_url = filter_url(url, get_str_list(msg, "filter", 64))
+            md5 = get_md5(msg, "md5") if msg.get("md5") else None
+            sign = md5 or get_opt_str(msg, "identifier", 512) or ""
+            task_id = task_id_for(task_url, sign, credential_key(lines))
+        except (DflyError, BadControlMessage) as e:
+            # A request we cannot serve is refused; the peer's link stays up for its others.
             session.wire.send_control({"op": "refused", "req": req, "reason": str(e)})
             return
-        task_url = filter_url(url, get_str_list(msg, "filter", 64))
-        md5 = get_md5(msg, "md5") if msg.get("md5") else None
-        sign = md5 or get_opt_str(msg, "identifier", 512) or ""
-        task_id = task_id_for(task_url, sign)
         if task_id in self._waiting:
             self._waiting[task_id].append((session, msg))
             return
@@ -441,8 +446,8 @@ class SupernodeSession(SliceServerSession):
                 raise BadControlMessage("hello needs a peer id of letters, digits and ._:@-")
             self.port = get_int(msg, "port", 0, 65535)
             self.host = get_opt_str(msg, "host", 255) or self.wire.peer_host
-            self.peer_id = peer_id
             self.node.hello(self, peer_id)
+            self.peer_id = peer_id
             self.wire.send_control({"op": "welcome", "version": PROTOCOL_VERSION})
         elif self.peer_id is None:
             raise BadControlMessage(f"{op} before hello")

@@ -16,8 +16,10 @@ from dfly.config import (
     DEFAULT_API_PORT,
     DEFAULT_SUPERNODE_PORT,
     data_home,
+    lock_home,
     parse_size,
     positive,
+    stop_with_error,
     write_ready_file,
 )
 from dfly.pieces import MIB, check_piece_size
@@ -71,12 +73,10 @@ class Options(usage.Options):
 
 
 def make_http_client(reactor: Any) -> Any:
-    """A treq client with a persistent connection pool."""
-    from treq.client import HTTPClient
-    from twisted.web.client import Agent, HTTPConnectionPool
+    """The origin client: pooled connections, redirects followed, bytes untouched."""
+    from dfly.httpclient import OriginClient
 
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    return HTTPClient(Agent(reactor, pool=pool))
+    return OriginClient(reactor)
 
 
 class SupernodeService(Service):
@@ -106,7 +106,7 @@ class SupernodeService(Service):
             if failures:
                 for f in failures:
                     self._log.failure("cannot listen", failure=f)
-                reactor.stop()
+                stop_with_error(reactor, f"dfly-supernode: cannot listen: {failures[0].getErrorMessage()}")
                 return
             info = {"port": self._ports[0].getHost().port, "api": self._ports[1].getHost().port}
             self._log.info("supernode listening: peers on port {port}, API on port {api}", **info)
@@ -125,7 +125,7 @@ def makeService(config: Options, reactor: Any = None, http: Any = None) -> IServ
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor
-    os.makedirs(config["home"], exist_ok=True)
+    lock = lock_home(config["home"], "dfly-supernode")
     scheduler = Scheduler(
         down_limit=config["down-limit"],
         up_limit=config["up-limit"],
@@ -143,4 +143,6 @@ def makeService(config: Options, reactor: Any = None, http: Any = None) -> IServ
         revalidate_after=config["revalidate-after"],
         cache_limit=config["cache-limit"],
     )
-    return SupernodeService(reactor, config, node)
+    service = SupernodeService(reactor, config, node)
+    service.lock = lock  # type: ignore[attr-defined]
+    return service

@@ -32,12 +32,23 @@ def get_opt_int(msg: dict[str, Any], key: str, lo: int = 0, hi: int = 2**63 - 1)
     return get_int(msg, key, lo, hi)
 
 
+def _text(value: Any) -> bool:
+    """A str that is real Unicode text (JSON can smuggle in lone surrogates, which are not)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def get_str(msg: dict[str, Any], key: str, max_len: int = 8192) -> str:
     """A string field of at most C{max_len} characters."""
     value = msg.get(key)
-    if not isinstance(value, str) or len(value) > max_len:
+    if not _text(value) or len(str(value)) > max_len:
         raise BadControlMessage(f"{msg.get('op')}: field {key!r} must be a string")
-    return value
+    return str(value)
 
 
 def get_opt_str(msg: dict[str, Any], key: str, max_len: int = 8192) -> str | None:
@@ -77,7 +88,7 @@ def get_str_list(msg: dict[str, Any], key: str, max_items: int = 256) -> list[st
     if (
         not isinstance(value, list)
         or len(value) > max_items
-        or not all(isinstance(v, str) for v in value)
+        or not all(_text(v) for v in value)
     ):
         raise BadControlMessage(f"{msg.get('op')}: field {key!r} must be a list of strings")
     return value

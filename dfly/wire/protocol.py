@@ -229,6 +229,14 @@ class FramedProtocol(Protocol):
     def connected_open(self) -> bool:
         return not self._closed
 
+    def buffered(self) -> int:
+        """Bytes written but not yet sent (best effort: what a TCP transport holds)."""
+        t: Any = self.transport
+        try:
+            return len(t.dataBuffer) - t.offset + t._tempDataLen
+        except (AttributeError, TypeError):
+            return 0
+
     def expect_slice(self, piece_size: int, data_len: int, md5_hex: str | None) -> None:
         assert self.parser is not None
         self.parser.expect_slice(piece_size, data_len, md5_hex)

@@ -19,6 +19,7 @@ from dfly.wire.messages import get_int, get_task_id
 from dfly.wire.protocol import FramedProtocol, SliceSource
 
 MAX_PENDING = 32
+MAX_UNREAD = 1 << 20  # answers a client leaves unread before it is cut off
 
 # lookup(task_id, piece, requester_label) -> (source, piece_size, data_len)
 SliceLookup = Callable[[str, int, str], tuple[SliceSource, int, int]]
@@ -54,6 +55,8 @@ class SliceServerSession:
         try:
             source, piece_size, data_len = self._lookup(task_id, piece, self.wire.peer_label)
         except PieceUnavailable as e:
+            if self.wire.buffered() > MAX_UNREAD:
+                raise BadControlMessage("the client does not read its answers") from None
             self.wire.send_control({"op": "nack", "task": task_id, "piece": piece, "reason": str(e)})
             return
         self._pending += 1
