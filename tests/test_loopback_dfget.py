@@ -202,3 +202,81 @@ def test_usage_errors_exit_2() -> None:
         r = subprocess.run([tool("dfget"), *argv], capture_output=True, text=True, timeout=30)
         assert r.returncode == 2, (argv, r)
         assert r.stderr.startswith("dfget: ")
+
+
+def test_device_or_fifo_output_is_never_replaced(swarm: Swarm, files: str) -> None:
+    """-o naming a FIFO is refused with exit 6 and the FIFO is left as it was."""
+    make_file(files, "f.bin", 1000)
+    swarm.start_origin(files)
+    fifo = os.path.join(swarm.root, "fifo")
+    os.mkfifo(fifo)
+    r = subprocess.run([tool("dfget"), swarm.origin_url("f.bin"), "-o", fifo, "--supernode", "127.0.0.1:1"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 6, r
+    assert "not a regular file" in r.stderr
+    import stat
+
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_output_through_a_symlink_replaces_its_target(swarm: Swarm, files: str) -> None:
+    """-o naming a symlink writes the file it points to and keeps the link."""
+    src = make_file(files, "f.bin", 5000)
+    swarm.start_origin(files)
+    swarm.start_supernode()
+    target = os.path.join(swarm.root, "target.bin")
+    link = os.path.join(swarm.root, "link.bin")
+    open(target, "wb").close()
+    os.symlink(target, link)
+    r = swarm.dfget(swarm.origin_url("f.bin"), link)
+    assert r.returncode == 0, r.stderr
+    assert os.path.islink(link) and open(target, "rb").read() == open(src, "rb").read()
+
+
+def test_credentials_are_part_of_the_task(swarm: Swarm, files: str) -> None:
+    """A file behind 'Authorization' fetched by one client is not handed to a client without
+    (or with other) credentials: they get the origin's 401, not the bytes."""
+    src = make_file(files, "secret.bin", 200_000)
+    swarm.start_origin(files, "--auth", "s3cret")
+    swarm.start_supernode()
+    swarm.start_peer("p1")
+    swarm.start_peer("p2")
+    url = swarm.origin_url("secret.bin")
+    ok = os.path.join(swarm.root, "ok.out")
+    r = swarm.dfget(url, ok, "--header", "Authorization: Bearer s3cret", peer="p1")
+    assert r.returncode == 0, r.stderr
+    assert open(ok, "rb").read() == open(src, "rb").read()
+    for extra in ([], ["--header", "Authorization: Bearer wrong"]):
+        out = os.path.join(swarm.root, "no.out")
+        r = swarm.dfget(url, out, *extra, peer="p2")
+        assert r.returncode == 3, r
+        assert "401" in r.stderr
+        assert not os.path.exists(out)
+
+
+def test_supernode_lost_mid_download_falls_back_or_exits_7(swarm: Swarm, files: str) -> None:
+    """When the supernode dies mid-download and does not come back, dfget does not hang: an
+    in-process peer gives up after its link timeout and fetches from the origin (or, with
+    --no-back-source, exits 7 with nothing at -o)."""
+    import signal
+
+    src = make_file(files, "f.bin", 8 * 1024 * 1024)
+    swarm.start_origin(files, "--rate", "2M")
+    swarm.start_supernode("--piece-size", "1")
+    url = swarm.origin_url("f.bin")
+    outs = [os.path.join(swarm.root, n) for n in ("fallback.out", "strict.out")]
+    procs = [
+        subprocess.Popen(swarm.dfget_argv(url, outs[0]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        subprocess.Popen(swarm.dfget_argv(url + "?b", outs[1], "--no-back-source"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+    ]
+    time.sleep(2)
+    sn = [p for p in swarm.procs if p.name == "supernode"][0]
+    sn.stop(signal.SIGKILL)
+    sn.name = "killed-supernode"
+    codes = []
+    for p in procs:
+        _, err = p.communicate(timeout=60)
+        codes.append((p.returncode, err))
+    assert codes[0][0] == 0, codes[0]
+    assert open(outs[0], "rb").read() == open(src, "rb").read()
+    assert codes[1][0] == 7, codes[1]
+    assert not os.path.exists(outs[1])

@@ -166,8 +166,9 @@ class Origin(Resource):
 
     isLeaf = True
 
-    def __init__(self, directory: str, rate: float | None = None, clock: Any = None) -> None:
+    def __init__(self, directory: str, rate: float | None = None, clock: Any = None, auth: str | None = None) -> None:
         super().__init__()
+        self.auth = auth
         self.directory = os.path.abspath(directory)
         self.rate = rate
         self.clock = clock
@@ -188,6 +189,9 @@ class Origin(Resource):
         if not name or not path.startswith(self.directory + os.sep) or not os.path.isfile(path):
             return self._status(request, name, 404, b"not found\n")
         self.stats["requests"][name] = self.stats["requests"].get(name, 0) + 1
+        if self.auth and request.getHeader(b"authorization") != f"Bearer {self.auth}".encode():
+            request.setHeader(b"www-authenticate", b'Bearer realm="origin"')
+            return self._status(request, name, 401, b"unauthorized\n")
         if fault in ("500", "503"):
             return self._status(request, name, int(fault), b"origin fault\n")
         st = os.stat(path)
@@ -234,6 +238,7 @@ class Options(usage.Options):
         ["port", None, "tcp:0:interface=127.0.0.1", "Endpoint to listen on."],
         ["port-file", None, None, "Write the port number here once listening."],
         ["rate", None, None, "Pace every response to this many bytes/s (K, M, G suffixes)."],
+        ["auth", None, None, "Answer 401 unless the request has 'Authorization: Bearer AUTH'."],
     ]
 
 
@@ -254,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"origin serving {opts['dir']} on port {number}", flush=True)
 
     rate = parse_rate(opts["rate"]) if opts["rate"] else None
-    d = serverFromString(reactor, opts["port"]).listen(Site(Origin(opts["dir"], rate, reactor)))
+    d = serverFromString(reactor, opts["port"]).listen(Site(Origin(opts["dir"], rate, reactor, opts["auth"])))
     d.addCallback(listening)
     def failed(f: Any) -> None:
         print(f"origin: {f.getErrorMessage()}", file=sys.stderr)
