@@ -7,7 +7,6 @@ and dfget.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -20,19 +19,12 @@ import pytest
 from filegen import make_file
 
 from dfly.devtools.swarm import Proc, Swarm, SwarmError
+from dfly.devtools.swarm import sha256_file as sha256
 from dfly.pieces import MIB
 
 pytestmark = pytest.mark.loopback
 
 PIECE_DATA = MIB - 5
-
-
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def start_liar(swarm: Swarm, url: str, mode: str, *extra: str, name: str | None = None) -> Proc:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -12,14 +11,12 @@ import pytest
 from filegen import make_file
 
 from dfly.devtools.swarm import Swarm
+from dfly.devtools.swarm import sha256_file as digest
 from dfly.pieces import MIB
 
 pytestmark = pytest.mark.loopback
 
 
-def digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def start_all(swarm: Swarm, jobs: list[tuple[str, str, str | None]]) -> list[subprocess.Popen[str]]:

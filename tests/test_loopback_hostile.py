@@ -9,7 +9,6 @@ Every network wait here has a deadline and every loop a fixed bound.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -24,6 +23,7 @@ import pytest
 from filegen import make_file
 
 from dfly.devtools.swarm import Swarm
+from dfly.devtools.swarm import sha256_file as sha256
 from dfly.pieces import MIB
 from dfly.wire.framing import MAX_CONTROL, encode_control
 
@@ -32,9 +32,6 @@ pytestmark = pytest.mark.loopback
 SIZE = 3 * MIB + 4321  # four 1 MiB pieces
 
 
-def sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def start(swarm: Swarm, files: str, peers: tuple[str, ...] = ("a", "b")) -> str:

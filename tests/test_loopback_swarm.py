@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
@@ -10,17 +9,12 @@ import pytest
 from filegen import make_file
 
 from dfly.devtools.swarm import Swarm
+from dfly.devtools.swarm import sha256_file as sha256
 from dfly.pieces import MIB
 
 pytestmark = pytest.mark.loopback
 
 
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def test_eight_peers_share_one_origin_fetch(swarm: Swarm, files: str) -> None:

@@ -511,3 +511,38 @@ def test_cdn_finished_stops_assigning_complete_members() -> None:
     assert s.schedule(T) == []
     assert s.tasks[T].members["b"].has == {0, 1, 2, 3}
 
+
+
+def test_made_up_done_reports_do_not_whitewash_a_source() -> None:
+    """A 'done' for a piece that was never assigned changes nothing: it cannot reset the
+    error count of a failing source (so a liar still gets blacklisted)."""
+    s = Scheduler(blacklist_limit=2)
+    s.add_task("t")
+    for n in range(4):
+        s.cdn_piece_ready("t", n)
+    s.cdn_finished("t", 4)
+    s.join("t", "liar", has=range(4))
+    for victim in ("h1", "h2"):
+        for a in s.join("t", victim):
+            if a.source == "liar":
+                s.piece_failed("t", victim, a.piece, "liar")
+                s.piece_done("t", "liar", a.piece, "liar")  # the liar's made-up report
+    assert s.peers["liar"].blacklisted
+
+
+def test_late_done_from_a_replaced_source_frees_the_new_slot() -> None:
+    """A result that arrives from the old source after the piece was moved to another one
+    still counts as held and frees the new assignment's slot."""
+    s = Scheduler()
+    s.add_task("t")
+    s.cdn_piece_ready("t", 0)
+    s.join("t", "a", has=[0])
+    s.join("t", "a2", has=[0])
+    (first,) = s.join("t", "b")
+    other = "a2" if first.source == "a" else "a"
+    s.peer_gone(first.source)
+    assert s.tasks["t"].members["b"].running == {0: other}
+    s.piece_done("t", "b", 0, first.source)
+    assert 0 in s.tasks["t"].members["b"].has
+    assert s.tasks["t"].members["b"].running == {}
+    assert s.peers[other].uploads == 0

@@ -478,3 +478,12 @@ def test_live_peer_id_cannot_be_taken_from_another_host(env: Env) -> None:
     with pytest.raises(BadControlMessage):
         thief.control_received({"op": "hello", "peer": "p1", "port": 4000})
     assert env.node.sessions["p1"] is live and not live_wire.closed
+
+
+def test_stats_of_gone_peers_are_dropped(env: Env) -> None:
+    """Peers that register and disconnect leave no per-peer statistics behind."""
+    for i in range(50):
+        session, _ = connect(env.node, f"p{i}")
+        register(session)
+        session.connection_lost(Failure(ConnectionDone()))
+    assert env.node.stats == {}

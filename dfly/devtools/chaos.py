@@ -11,7 +11,6 @@ errors in daemon logs.  Exit status 1 if any corrupt output or crash was seen.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import random
 import shutil
@@ -24,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dfly.devtools.swarm import Swarm, SwarmError
+from dfly.devtools.swarm import sha256_file as sha
 
 MIB = 1 << 20
 
@@ -51,12 +51,6 @@ def make_file(path: str, size: int, seed: int) -> str:
     return path
 
 
-def sha(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(MIB), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def judge(t: Tally, outputs: list[tuple[str, int]], want: str, expect_ok: bool = True) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ import sys
 import time
 
 from dfly.devtools.swarm import Swarm
+from dfly.devtools.swarm import sha256_file as sha256
 
 MIN_SIZE = 100 * 1000 * 1000
 CANDIDATES = [
@@ -48,12 +48,6 @@ def find_real_file(workdir: str) -> str:
     raise SystemExit("demo: could not find or fetch a real file of 100 MB or more; pass --file")
 
 
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -239,7 +239,7 @@ class LoadRun:
 
     def _summary(self, wall: float) -> Summary:
         ok = [c for c in self.clients if c.result is not None and c.error is None]
-        bad = [c for c in self.clients if c not in ok]
+        bad = [c for c in self.clients if c.result is None or c.error is not None]
         errors = Counter(c.error or "no result" for c in bad).most_common(5)
         times = [c.seconds for c in ok if c.seconds is not None]
         return Summary(
@@ -360,7 +360,10 @@ def main(argv: list[str] | None = None) -> None:
             summaries.append(await run.run())
         finally:
             shutil.rmtree(root, ignore_errors=True)
-            reactor.removeSystemEventTrigger(trigger)
+            try:
+                reactor.removeSystemEventTrigger(trigger)
+            except ValueError:
+                pass  # shutting down (a signal): the trigger has fired already
 
     try:
         task.react(lambda reactor: ensureDeferred(go(reactor)))

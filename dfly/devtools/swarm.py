@@ -22,6 +22,17 @@ from typing import Any
 BIN = os.path.dirname(sys.executable)
 
 
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def tool(name: str) -> str:
     """Path of a console script installed beside this Python (or the bare name)."""
     path = os.path.join(BIN, name)

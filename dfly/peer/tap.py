@@ -5,10 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.application.service import IService, Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
-from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger
+from twisted.application.service import IService
+from twisted.internet.defer import Deferred
 from twisted.python import usage
 
 from dfly.config import (
@@ -18,9 +16,9 @@ from dfly.config import (
     parse_hostport,
     parse_size,
     positive,
-    stop_with_error,
     write_ready_file,
 )
+from dfly.listening import ListeningService
 from dfly.peer.localapi import LocalApiSession
 from dfly.peer.node import PeerNode
 from dfly.wire.protocol import FramedFactory, FramedProtocol
@@ -75,20 +73,17 @@ def socket_path(home: str) -> str:
     return os.path.join(home, "dfly.sock")
 
 
-class PeerService(Service):
+class PeerService(ListeningService):
     """Starts the upload server, the local API and the node, in that order."""
 
-    _log = Logger()
+    role = "dfly-peer"
 
     def __init__(self, reactor: Any, config: Options) -> None:
-        self._reactor = reactor
+        super().__init__(reactor)
         self._config = config
         self.node: PeerNode | None = None
-        self._ports: list[Any] = []
-        self.ready: Deferred[None] = Deferred()
 
-    def startService(self) -> None:
-        super().startService()
+    def listeners(self) -> list[tuple[str, Any]]:
         reactor, config = self._reactor, self._config
         # Before anything touches the home: a second daemon must not wipe the first one's files.
         self._lock = lock_home(config["home"], "dfly-peer")
@@ -114,36 +109,26 @@ class PeerService(Service):
         def api_session(wire: FramedProtocol) -> LocalApiSession:
             return LocalApiSession(wire, node)
 
-        upload = serverFromString(reactor, config["port"]).listen(
-            FramedFactory(upload_session, idle_timeout=config["idle-timeout"], clock=reactor)
+        return [
+            (config["port"], FramedFactory(upload_session, idle_timeout=config["idle-timeout"], clock=reactor)),
+            (f"unix:{sock}:mode=600", FramedFactory(api_session)),
+        ]
+
+    def listening(self, ports: list[Any]) -> None:
+        assert self.node is not None
+        node, config = self.node, self._config
+        port = ports[0].getHost().port
+        sock = socket_path(config["home"])
+        self._log.info(
+            "peer {peer_id} uploading on port {port}, local API at {sock}", peer_id=node.peer_id, port=port, sock=sock
         )
-        api = serverFromString(reactor, f"unix:{sock}:mode=600").listen(FramedFactory(api_session))
-
-        def listening(results: list[Any]) -> None:
-            self._ports = [r[1] for r in results if r[0]]
-            failures = [r[1] for r in results if not r[0]]
-            if failures:
-                for f in failures:
-                    self._log.failure("cannot listen", failure=f)
-                stop_with_error(reactor, f"dfly-peer: cannot listen: {failures[0].getErrorMessage()}")
-                return
-            port = self._ports[0].getHost().port
-            self._log.info(
-                "peer {peer_id} uploading on port {port}, local API at {sock}",
-                peer_id=node.peer_id, port=port, sock=sock,
-            )
-            node.start(port)
-            write_ready_file(config["ready-file"], {"port": port, "socket": sock, "pid": os.getpid(), "peer": node.peer_id})
-            self.ready.callback(None)
-
-        DeferredList([upload, api], consumeErrors=True).addCallback(listening)
+        node.start(port)
+        write_ready_file(config["ready-file"], {"port": port, "socket": sock, "pid": os.getpid(), "peer": node.peer_id})
 
     def stopService(self) -> Deferred[Any]:
-        super().stopService()
         if self.node is not None:
             self.node.stop()
-        ds = [maybeDeferred(p.stopListening) for p in self._ports]
-        return DeferredList(ds)
+        return super().stopService()
 
 
 def makeService(config: Options, reactor: Any = None) -> IService:

@@ -191,17 +191,20 @@ class Scheduler:
         member = task.members.get(peer_id)
         if member is None or piece not in task.available:
             return []  # not a member, or a piece that does not exist (yet): ignore the claim
-        # Release whatever assignment is recorded, even if it was meanwhile moved to another
-        # source: the piece is held now, so that slot must not stay taken.
         running = member.running.pop(piece, None)
-        if running is not None:
-            self._release(task, running, piece)
+        if running is None:
+            return []  # nothing was assigned: a claim, not a result
+        # Release the recorded assignment even if it was meanwhile moved to another source:
+        # the piece is held now, so that slot must not stay taken.
+        self._release(task, running, piece)
         member.has.add(piece)
         task.holders.setdefault(piece, set()).add(peer_id)
-        peer = self.peers[peer_id]
-        peer.client_errors = 0
-        if source != CDN and source in self.peers:
-            self.peers[source].service_errors = 0
+        if running == source:
+            # Only a result for the assignment on record clears error counts: a peer cannot
+            # whitewash a source (or itself) with made-up reports.
+            self.peers[peer_id].client_errors = 0
+            if source != CDN and source in self.peers:
+                self.peers[source].service_errors = 0
         return self.schedule(task_id)
 
     def piece_failed(self, task_id: str, peer_id: str, piece: int, source: str) -> list[Assignment]:

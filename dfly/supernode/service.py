@@ -282,6 +282,8 @@ class Supernode:
 
     def _peer_gone(self, peer_id: str) -> None:
         self._log.info("peer {peer_id} gone; re-offering its work", peer_id=peer_id)
+        for key in [k for k in self.stats if k[1] == peer_id]:
+            del self.stats[key]
         self._dispatch(self.scheduler.peer_gone(peer_id))
 
     @staticmethod

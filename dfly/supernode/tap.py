@@ -5,10 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.application.service import IService, Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
-from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger
+from twisted.application.service import IService
 from twisted.python import usage
 from twisted.web.server import Site
 
@@ -19,9 +16,9 @@ from dfly.config import (
     lock_home,
     parse_size,
     positive,
-    stop_with_error,
     write_ready_file,
 )
+from dfly.listening import ListeningService
 from dfly.pieces import MIB, check_piece_size
 from dfly.supernode.api import make_api
 from dfly.supernode.scheduler import Scheduler
@@ -79,45 +76,27 @@ def make_http_client(reactor: Any) -> Any:
     return OriginClient(reactor)
 
 
-class SupernodeService(Service):
+class SupernodeService(ListeningService):
     """Listens for peers and for the API, then reports the ports it got."""
 
-    _log = Logger()
+    role = "dfly-supernode"
 
     def __init__(self, reactor: Any, config: Options, node: Supernode) -> None:
-        self._reactor = reactor
+        super().__init__(reactor)
         self._config = config
         self.node = node
-        self._ports: list[Any] = []
-        self.ready: Deferred[dict[str, int]] = Deferred()
 
-    def startService(self) -> None:
-        super().startService()
-        reactor, config = self._reactor, self._config
-        idle = config["idle-timeout"]
-        peers = serverFromString(reactor, config["port"]).listen(
-            FramedFactory(self.node.make_session, idle_timeout=idle, clock=reactor)
-        )
-        api = serverFromString(reactor, config["api"]).listen(Site(make_api(self.node), timeout=idle))
+    def listeners(self) -> list[tuple[str, Any]]:
+        idle = self._config["idle-timeout"]
+        return [
+            (self._config["port"], FramedFactory(self.node.make_session, idle_timeout=idle, clock=self._reactor)),
+            (self._config["api"], Site(make_api(self.node), timeout=idle)),
+        ]
 
-        def listening(results: list[Any]) -> None:
-            failures = [r[1] for r in results if not r[0]]
-            self._ports = [r[1] for r in results if r[0]]
-            if failures:
-                for f in failures:
-                    self._log.failure("cannot listen", failure=f)
-                stop_with_error(reactor, f"dfly-supernode: cannot listen: {failures[0].getErrorMessage()}")
-                return
-            info = {"port": self._ports[0].getHost().port, "api": self._ports[1].getHost().port}
-            self._log.info("supernode listening: peers on port {port}, API on port {api}", **info)
-            write_ready_file(config["ready-file"], {**info, "pid": os.getpid()})
-            self.ready.callback(info)
-
-        DeferredList([peers, api], consumeErrors=True).addCallback(listening)
-
-    def stopService(self) -> Deferred[Any]:
-        super().stopService()
-        return DeferredList([maybeDeferred(p.stopListening) for p in self._ports])
+    def listening(self, ports: list[Any]) -> None:
+        info = {"port": ports[0].getHost().port, "api": ports[1].getHost().port}
+        self._log.info("supernode listening: peers on port {port}, API on port {api}", **info)
+        write_ready_file(self._config["ready-file"], {**info, "pid": os.getpid()})
 
 
 def makeService(config: Options, reactor: Any = None, http: Any = None) -> IService:
