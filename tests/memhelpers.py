@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
+from dfly.devtools.fuzz import BodyTransport
 from dfly.peer.store import PeerStore, StoredTask
 from dfly.pieces import Layout, wrap
 from dfly.wire.framing import FrameParser, decode_control, encode_control
@@ -109,22 +110,6 @@ class StubWire:
 
 
 # -- HTTP ----------------------------------------------------------------------------
-
-
-class BodyTransport:
-    """The transport a response body protocol is connected to."""
-
-    def __init__(self) -> None:
-        self.stopped = False
-
-    def stopProducing(self) -> None:
-        self.stopped = True
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
 
 
 _AUTO: Any = object()

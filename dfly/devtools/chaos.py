@@ -53,6 +53,28 @@ def make_file(path: str, size: int, seed: int) -> str:
 
 
 
+def prepare(work: str, size: int, rnd: random.Random) -> tuple[str, str, Swarm]:
+    """A directory of origin content with one file f.bin, and a swarm to serve it."""
+    files = os.path.join(work, "files")
+    os.makedirs(files)
+    src = make_file(os.path.join(files, "f.bin"), size, rnd.randrange(1 << 30))
+    return files, src, Swarm(os.path.join(work, "swarm"))
+
+
+def wait_codes(procs: list[subprocess.Popen[bytes]], timeout: float) -> list[int]:
+    """Exit codes of C{procs}, killing any still running after C{timeout} seconds in all."""
+    deadline = time.monotonic() + timeout
+    codes = []
+    for p in procs:
+        try:
+            p.wait(max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        codes.append(p.returncode)
+    return codes
+
+
 def judge(t: Tally, outputs: list[tuple[str, int]], want: str, expect_ok: bool = True) -> None:
     """Count each (output path, dfget exit code): verified, corrupt, or a clean failure."""
     for path, code in outputs:
@@ -91,10 +113,7 @@ def run_dfgets(swarm: Swarm, jobs: list[tuple[str, str, str | None]], timeout: f
 # -- scenarios ----------------------------------------------------------------------
 def peer_deaths(work: str, t: Tally, rnd: random.Random, peers: int = 12) -> None:
     """A quarter of the peers are SIGKILLed at random moments of a swarm download."""
-    files = os.path.join(work, "files")
-    os.makedirs(files)
-    src = make_file(os.path.join(files, "f.bin"), 24 * MIB, rnd.randrange(1 << 30))
-    swarm = Swarm(os.path.join(work, "swarm"))
+    files, src, swarm = prepare(work, 24 * MIB, rnd)
     try:
         swarm.start_origin(files, "--rate", "12M")
         swarm.start_supernode("--piece-size", "1")
@@ -103,25 +122,19 @@ def peer_deaths(work: str, t: Tally, rnd: random.Random, peers: int = 12) -> Non
             swarm.start_peer(n, "--stall-timeout", "5")
         url = swarm.origin_url("f.bin")
         jobs = [(url, os.path.join(swarm.root, f"{n}.out"), n) for n in names]
-        procs = [subprocess.Popen(swarm.dfget_argv(u, o, peer=p), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for u, o, p in jobs]
+        procs = [subprocess.Popen(swarm.dfget_argv(u, o, peer=p), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for u, o, p in jobs]
         victims = rnd.sample(names, peers // 4)
         for victim in victims:
             time.sleep(rnd.uniform(0.1, 0.8))
             swarm.peers[victim].stop(signal.SIGKILL)
             swarm.peers[victim].name = f"killed-{victim}"
         outputs = []
-        deadline = time.monotonic() + 120
-        for (_, out, name), p in zip(jobs, procs, strict=True):
-            try:
-                p.wait(max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        for (_, out, name), code in zip(jobs, wait_codes(procs, 120), strict=True):
             if name in victims:
                 if os.path.exists(out) and sha(out) != sha(src):
                     t.corrupt += 1
                 continue
-            outputs.append((out, p.returncode))
+            outputs.append((out, code))
         judge(t, outputs, sha(src))
     finally:
         close(t, swarm)
@@ -129,10 +142,7 @@ def peer_deaths(work: str, t: Tally, rnd: random.Random, peers: int = 12) -> Non
 
 def byzantine(work: str, t: Tally, rnd: random.Random) -> None:
     """A peer that lies about what it holds and serves wrong slices, among honest ones."""
-    files = os.path.join(work, "files")
-    os.makedirs(files)
-    src = make_file(os.path.join(files, "f.bin"), 10 * MIB, rnd.randrange(1 << 30))
-    swarm = Swarm(os.path.join(work, "swarm"))
+    files, src, swarm = prepare(work, 10 * MIB, rnd)
     liar = None
     try:
         swarm.start_origin(files)
@@ -157,10 +167,7 @@ def byzantine(work: str, t: Tally, rnd: random.Random) -> None:
 
 def supernode_restart(work: str, t: Tally, rnd: random.Random) -> None:
     """The supernode is SIGKILLed mid-download and started again on the same home."""
-    files = os.path.join(work, "files")
-    os.makedirs(files)
-    src = make_file(os.path.join(files, "f.bin"), 24 * MIB, rnd.randrange(1 << 30))
-    swarm = Swarm(os.path.join(work, "swarm"))
+    files, src, swarm = prepare(work, 24 * MIB, rnd)
     try:
         swarm.start_origin(files, "--rate", "8M")
         info = swarm.start_supernode("--piece-size", "1")
@@ -180,25 +187,15 @@ def supernode_restart(work: str, t: Tally, rnd: random.Random) -> None:
             "--port", f"tcp:{info['port']}:interface=127.0.0.1", "--api", f"tcp:{info['api']}:interface=127.0.0.1",
             name="supernode2",
         )
-        outputs = []
-        for (_, out, _), p in zip(jobs, procs, strict=True):
-            try:
-                p.wait(120)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-            outputs.append((out, p.returncode))
-        judge(t, outputs, sha(src))
+        codes = wait_codes(procs, 120)
+        judge(t, [(out, code) for (_, out, _), code in zip(jobs, codes, strict=True)], sha(src))
     finally:
         close(t, swarm)
 
 
 def origin_faults(work: str, t: Tally, rnd: random.Random) -> None:
     """An origin that fails (5xx, reset, short body, stall): clean errors, then a good try."""
-    files = os.path.join(work, "files")
-    os.makedirs(files)
-    src = make_file(os.path.join(files, "f.bin"), 4 * MIB, rnd.randrange(1 << 30))
-    swarm = Swarm(os.path.join(work, "swarm"))
+    files, src, swarm = prepare(work, 4 * MIB, rnd)
     try:
         swarm.start_origin(files)
         swarm.start_supernode("--origin-timeout", "2")

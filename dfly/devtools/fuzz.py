@@ -356,7 +356,7 @@ def hostile_unit(world: World, conn: Conn, rng: random.Random) -> bytes:
 # -- the in-memory origin ----------------------------------------------------------
 
 
-class _BodyTransport:
+class BodyTransport:
     """What a response body protocol sees as its transport."""
 
     def __init__(self) -> None:
@@ -383,7 +383,7 @@ class _Response:
         self._body = body
 
     def deliverBody(self, protocol: Any) -> None:
-        transport = _BodyTransport()
+        transport = BodyTransport()
         protocol.makeConnection(transport)
         for i in range(0, len(self._body), 256 * 1024):
             if transport.stopped:
