@@ -574,6 +574,8 @@ class PeerNode:
         if dl.state == "failed":
             return
         dl.state = "failed"
+        if dl.req_id is not None:
+            self._by_req.pop(dl.req_id, None)
         if dl.link_timer is not None and dl.link_timer.active():
             dl.link_timer.cancel()
         dl.link_timer = None
