@@ -14,19 +14,12 @@ import time
 import pytest
 from filegen import make_file
 
-from dfly.devtools.swarm import Swarm
+from dfly.devtools.swarm import Swarm, proc_kib
 from dfly.wire.framing import encode_control
 
 pytestmark = pytest.mark.loopback
 
 
-def rss_kib(pid: int) -> int:
-    """Resident set size of a process, in KiB."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def test_stalled_reader_costs_no_memory(swarm: Swarm, files: str) -> None:
@@ -40,13 +33,13 @@ def test_stalled_reader_costs_no_memory(swarm: Swarm, files: str) -> None:
     assert r.returncode == 0, r.stderr
     task = json.loads(r.stdout)["task"]
     port = peer.info["port"]
-    before = rss_kib(peer.popen.pid)
+    before = proc_kib(peer.popen.pid, "VmRSS")
 
     hog = socket.create_connection(("127.0.0.1", port))
     hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     hog.sendall(b"".join(encode_control({"op": "get", "task": task, "piece": n % 6}) for n in range(32)))
     time.sleep(3)
-    grown = rss_kib(peer.popen.pid) - before
+    grown = proc_kib(peer.popen.pid, "VmRSS") - before
     assert grown < 40 * 1024, f"peer grew by {grown} KiB while a reader stalled"
 
     # Another client is still served promptly while the hog is stuck.

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from filegen import make_file
 
-from dfly.devtools.swarm import Proc, Swarm, SwarmError
+from dfly.devtools.swarm import Proc, Swarm, SwarmError, proc_kib
 from dfly.devtools.swarm import sha256_file as sha256
 from dfly.pieces import MIB
 
@@ -36,7 +36,7 @@ def start_liar(swarm: Swarm, url: str, mode: str, *extra: str, name: str | None 
         "--supernode", swarm.supernode_address, "--url", url, "--mode", mode,
         "--seconds", "120", "--ready-file", ready, *extra,
     ]
-    return swarm._spawn(name, argv, ready)
+    return swarm.spawn(name, argv, ready)
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -190,12 +190,6 @@ def test_trickling_liar_does_not_hold_a_download_hostage(swarm: Swarm, files: st
     assert counts.get("served", 0) >= 1 and counts.get("completed", 0) == 0, counts
 
 
-def vm_hwm_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmHWM")
 
 
 def test_claiming_a_huge_have_range_costs_the_supernode_little(swarm: Swarm, files: str) -> None:
@@ -207,10 +201,10 @@ def test_claiming_a_huge_have_range_costs_the_supernode_little(swarm: Swarm, fil
     make_file(files, "h.bin", 2 * MIB)
     swarm.start_origin(files, "--rate", "256K")
     info = swarm.start_supernode("--piece-size", "1")
-    before = vm_hwm_kib(info["pid"])
+    before = proc_kib(info["pid"], "VmHWM")
     liar = start_liar(swarm, swarm.origin_url("h.bin"), "lie", "--have", "0-499999")
     swarm.api()  # the reactor has digested the registration
-    grown_mb = (vm_hwm_kib(info["pid"]) - before) / 1024
+    grown_mb = (proc_kib(info["pid"], "VmHWM") - before) / 1024
     print(f"supernode peak RSS grew by {grown_mb:.0f} MB for one register frame")
     assert grown_mb < 50
     assert peers_of(swarm, "/h.bin")[liar.info["peer"]]["pieces"] <= 3

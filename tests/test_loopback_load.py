@@ -12,7 +12,7 @@ import time
 import pytest
 from filegen import make_file
 
-from dfly.devtools.swarm import Swarm
+from dfly.devtools.swarm import Swarm, proc_cpu_seconds, proc_kib
 from dfly.pieces import MIB
 
 pytestmark = pytest.mark.loopback
@@ -22,17 +22,7 @@ CLIENTS = 200
 
 def proc_figures(pid: int) -> tuple[float, float]:
     """Peak RSS in MB (VmHWM) and CPU seconds (utime + stime) of a live process."""
-    hwm_kib = None
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                hwm_kib = int(line.split()[1])
-    assert hwm_kib is not None
-    with open(f"/proc/{pid}/stat") as f:
-        # Fields after the command name, which is in parentheses and may contain spaces.
-        fields = f.read().rsplit(")", 1)[1].split()
-    utime, stime = int(fields[11]), int(fields[12])
-    return hwm_kib / 1024, (utime + stime) / os.sysconf("SC_CLK_TCK")
+    return proc_kib(pid, "VmHWM") / 1024, proc_cpu_seconds(pid)
 
 
 def test_two_hundred_clients_in_one_process(swarm: Swarm, files: str) -> None:

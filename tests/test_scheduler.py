@@ -419,7 +419,7 @@ def test_leave_withdraws_uploads() -> None:
 
 
 def test_cdn_failed_and_reset() -> None:
-    """After cdn_failed nothing is assigned; reset_task forgets the task and releases upload loads."""
+    """After cdn_failed nothing is assigned; remove_task forgets the task and releases upload loads."""
     s = setup(2, up_limit=10)
     s.join(T, "h", has=[0, 1], seeding_only=True)
     s.join(T, "b")
@@ -427,7 +427,7 @@ def test_cdn_failed_and_reset() -> None:
     s.cdn_failed(T)
     assert s.cdn_piece_ready(T, 2) == []
     assert s.join(T, "c") == []
-    s.reset_task(T)
+    s.remove_task(T)
     assert T not in s.tasks
     assert s.peers["h"].uploads == 0
 

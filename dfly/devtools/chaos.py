@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dfly.devtools.swarm import Swarm, SwarmError
+from dfly.devtools.swarm import Swarm, SwarmError, proc_cpu_seconds, proc_kib
 from dfly.devtools.swarm import sha256_file as sha
 
 MIB = 1 << 20
@@ -310,11 +310,8 @@ def main(argv: list[str] | None = None) -> int:
 def proc_usage(pid: int) -> str:
     """Peak RSS and CPU seconds of a live process (Linux /proc)."""
     try:
-        hwm = next(line.split()[1] for line in open(f"/proc/{pid}/status") if line.startswith("VmHWM"))
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return f"supernode peak RSS {int(hwm) / 1024:.1f} MiB, CPU {cpu:.1f} s"
-    except (OSError, StopIteration, IndexError, ValueError):
+        return f"supernode peak RSS {proc_kib(pid, 'VmHWM') / 1024:.1f} MiB, CPU {proc_cpu_seconds(pid):.1f} s"
+    except (OSError, IndexError, ValueError):
         return "supernode usage unavailable"
 
 

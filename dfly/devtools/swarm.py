@@ -33,6 +33,23 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def proc_kib(pid: int, field: str) -> int:
+    """A memory figure of a live process from /proc, in KiB (field "VmRSS", "VmHWM", ...)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise ValueError(f"no {field} for process {pid}")
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a live process, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        # Fields after the command name, which is in parentheses and may contain spaces.
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def tool(name: str) -> str:
     """Path of a console script installed beside this Python (or the bare name)."""
     path = os.path.join(BIN, name)
@@ -76,7 +93,9 @@ class Swarm:
         self.peers: dict[str, Proc] = {}
 
     # -- starting things ---------------------------------------------------
-    def _spawn(self, name: str, argv: list[str], ready: str | None, timeout: float = 30.0) -> Proc:
+    def spawn(self, name: str, argv: list[str], ready: str | None, timeout: float = 30.0) -> Proc:
+        """Start C{argv} as process C{name} (log in ROOT/NAME.log), stopped by L{close}; with
+        C{ready}, wait until that file exists and read its JSON into C{Proc.info}."""
         log = os.path.join(self.root, f"{name}.log")
         if ready and os.path.exists(ready):
             os.unlink(ready)
@@ -108,7 +127,7 @@ class Swarm:
         ready = os.path.join(self.root, "origin.port")
         if os.path.exists(ready):
             os.unlink(ready)
-        proc = self._spawn(
+        proc = self.spawn(
             "origin",
             [sys.executable, "-m", "dfly.devtools.origin", "--dir", directory, "--port-file", ready, *extra],
             None,
@@ -132,7 +151,7 @@ class Swarm:
     def start_supernode(self, *extra: str, name: str = "supernode") -> dict[str, Any]:
         home = os.path.join(self.root, name)
         ready = os.path.join(self.root, f"{name}.ready")
-        proc = self._spawn(
+        proc = self.spawn(
             name,
             [
                 tool("twistd"), "-n", "--pidfile=", "-l", "-", "dfly-supernode",
@@ -152,7 +171,7 @@ class Swarm:
     def start_peer(self, name: str, *extra: str) -> Proc:
         home = os.path.join(self.root, name)
         ready = os.path.join(self.root, f"{name}.ready")
-        proc = self._spawn(
+        proc = self.spawn(
             name,
             [
                 tool("twistd"), "-n", "--pidfile=", "-l", "-", "dfly-peer",

@@ -105,18 +105,15 @@ class Scheduler:
             task = self.tasks[task_id] = TaskState(task_id)
         return task
 
-    def reset_task(self, task_id: str) -> None:
-        """Forget everything about a task (after its CDN failed, before a retry)."""
+    def remove_task(self, task_id: str) -> None:
+        """Forget everything about a task (failed, evicted, or replaced by a new version),
+        releasing the upload slots its downloads held."""
         task = self.tasks.pop(task_id, None)
         if task is None:
             return
         for member in task.members.values():
             for piece, source in member.running.items():
                 self._release(task, source, piece)
-
-    def remove_task(self, task_id: str) -> None:
-        """Drop a task entirely."""
-        self.reset_task(task_id)
 
     def cdn_piece_ready(self, task_id: str, piece: int) -> list[Assignment]:
         """The CDN has written and hashed C{piece}."""

@@ -207,20 +207,17 @@ class Supernode:
         task = self.tasks.get(task_id)
         if task is None or session.peer_id is None:
             return
+        sched = self.scheduler.tasks.get(task_id)
+        member = sched.members.get(session.peer_id) if sched is not None else None
+        if sched is None or member is None or piece not in member.running:
+            return  # nothing was assigned: a claim, not a result (the scheduler ignores it too)
         stats = self.stats.setdefault((task_id, session.peer_id), MemberStats(joined=time.time()))
-        size = task.piece_len.get(piece, 0)
         if source == CDN:
-            stats.from_cdn += size
+            stats.from_cdn += task.piece_len.get(piece, 0)
         else:
-            stats.from_peers += size
+            stats.from_peers += task.piece_len.get(piece, 0)
         self._dispatch(self.scheduler.piece_done(task_id, session.peer_id, piece, source))
-        member = self.scheduler.tasks[task_id].members.get(session.peer_id)
-        if (
-            member is not None
-            and task.piece_count is not None
-            and len(member.has) >= task.piece_count
-            and stats.finished is None
-        ):
+        if stats.finished is None and self.scheduler.member_complete(sched, member):
             stats.finished = time.time()
 
     def piece_failed(self, session: SupernodeSession, msg: dict[str, Any]) -> None:
@@ -399,7 +396,7 @@ class Supernode:
                             "port": session.port if session else None,
                             "pieces": len(member.has),
                             "running": len(member.running),
-                            "done": task.piece_count is not None and len(member.has) >= task.piece_count,
+                            "done": self.scheduler.member_complete(sched, member),
                             "from_cdn_bytes": stats.from_cdn,
                             "from_peers_bytes": stats.from_peers,
                             "seconds": (stats.finished - stats.joined) if stats.finished else None,
