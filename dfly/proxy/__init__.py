@@ -1,0 +1,1 @@
+"""The peer daemon's registry mirror and HTTP(S) proxy."""
