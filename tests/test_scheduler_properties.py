@@ -57,15 +57,11 @@ def check_state(s: Scheduler) -> None:
                 good[piece] += 1
                 if peer.uploads < s.up_limit:
                     nfree[piece] += 1
+                    assert pid in task.free[piece][peer.uploads]
         assert dict(task.good) == dict(good)
         assert dict(task.nfree) == dict(nfree)
-        for load, level in enumerate(task.levels):
-            expected = {
-                pid
-                for pid in task.members
-                if not s.peers[pid].blacklisted and s.peers[pid].uploads == load
-            }
-            assert level == expected, f"load level {load}"
+        for piece, buckets in task.free.items():
+            assert sum(len(b) for b in buckets) == nfree.get(piece, 0)
         for piece, want in task.wanting.items():
             assert want, "empty wanting entries are dropped"
             for pid in want:

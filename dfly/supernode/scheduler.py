@@ -23,13 +23,9 @@ running per peer and task):
 
 Incremental design (an event costs about the peers it touches, not the swarm):
 
-* per task, the members that may serve (not blacklisted, fewer than
-  C{up_limit} uploads) grouped by their running uploads (C{levels}); the least
-  loaded holder of a piece is the first holder found in the lowest level (the
-  smaller of the two sets is scanned, so a common piece costs a step or two and
-  a rare one its few holders), and a load change moves a peer between levels;
-* per piece, how many of its holders may serve (C{nfree}); this changes only
-  when a peer reaches or leaves C{up_limit}, or is blacklisted or gone;
+* per task and piece, the usable holders with a free upload slot, bucketed by
+  their running uploads (C{free}), so the least loaded source is the first
+  entry of the first non-empty bucket, and C{nfree} (pieces that have one);
 * C{good}: pieces held by at least one peer that is not blacklisted; an
   available piece outside it may come from the CDN;
 * C{blocked}: members with a free download slot that nothing could fill, and
@@ -101,7 +97,7 @@ class TaskState:
     members: dict[str, Member] = field(default_factory=dict)
     failed: bool = False
     span: int = 0
-    levels: list[set[str]] = field(default_factory=list)
+    free: dict[int, list[set[str]]] = field(default_factory=dict)
     nfree: dict[int, int] = field(default_factory=dict)
     good: dict[int, int] = field(default_factory=dict)
     serving: dict[str, set[tuple[str, int]]] = field(default_factory=dict)
@@ -139,7 +135,7 @@ class Scheduler:
         """Create (or return) the scheduling state of a task."""
         task = self.tasks.get(task_id)
         if task is None:
-            task = self.tasks[task_id] = TaskState(task_id, levels=[set() for _ in range(self.up_limit)])
+            task = self.tasks[task_id] = TaskState(task_id)
         return task
 
     def remove_task(self, task_id: str) -> None:
@@ -215,8 +211,6 @@ class Scheduler:
         if member is None:
             offset = int.from_bytes(hashlib.sha256(peer_id.encode()).digest()[:4], "big")
             member = task.members[peer_id] = Member(peer_id, offset)
-            if not peer.blacklisted and peer.uploads < self.up_limit:
-                task.levels[peer.uploads].add(peer_id)
         member.seeding_only = seeding_only
         if seeding_only:
             self._unblock(task, member)
@@ -438,10 +432,16 @@ class Scheduler:
     def _pick_source(self, task: TaskState, member: Member, piece: int, isolated: bool) -> str | None:
         avoid = member.avoid
         if not isolated:
-            if task.nfree.get(piece):
-                source = self._least_loaded(task, piece, avoid)
-                if source is not None:
-                    return source
+            buckets = task.free.get(piece)
+            if buckets is not None:
+                for bucket in buckets:
+                    if not avoid:
+                        for pid in bucket:
+                            return pid
+                    else:
+                        for pid in bucket:
+                            if pid not in avoid:
+                                return pid
             if piece in task.good:
                 if not avoid:
                     return None  # usable holders, all busy: wait for one of them
@@ -452,27 +452,6 @@ class Scheduler:
         if piece in task.cdn_inflight or len(task.cdn_inflight) >= self.cdn_limit:
             return None
         return CDN
-
-    def _least_loaded(self, task: TaskState, piece: int, avoid: set[str]) -> str | None:
-        """The holder of C{piece} with the fewest uploads that may serve, or None."""
-        holders = task.holders.get(piece)
-        if not holders:
-            return None
-        for level in task.levels:
-            if not level:
-                continue
-            small, big = (level, holders) if len(level) <= len(holders) else (holders, level)
-            if not avoid:
-                if small.isdisjoint(big):
-                    continue
-                for pid in small:
-                    if pid in big:
-                        return pid
-            else:
-                for pid in small:
-                    if pid in big and pid not in avoid:
-                        return pid
-        return None
 
     def _isolated(self, peer_id: str) -> bool:
         return self.peers[peer_id].client_errors >= self.isolation_limit
@@ -547,6 +526,10 @@ class Scheduler:
             return
         task.good[piece] = task.good.get(piece, 0) + 1
         if peer.uploads < self.up_limit:
+            buckets = task.free.get(piece)
+            if buckets is None:
+                buckets = task.free[piece] = [set() for _ in range(self.up_limit)]
+            buckets[peer.uploads].add(pid)
             task.nfree[piece] = task.nfree.get(piece, 0) + 1
             task.dirty_pieces.add(piece)
 
@@ -588,8 +571,8 @@ class Scheduler:
                 self._set_uploads(peer, max(0, peer.uploads - 1))
 
     def _set_uploads(self, peer: PeerState, uploads: int) -> None:
-        """Change a peer's upload count: it moves between load levels, and the pieces it
-        holds lose or gain a free holder when it reaches or leaves C{up_limit}."""
+        """Change a peer's upload count and move it between the load buckets of every
+        piece it holds."""
         old = peer.uploads
         peer.uploads = uploads
         if peer.blacklisted or old == uploads:
@@ -601,24 +584,28 @@ class Scheduler:
         for task_id in peer.tasks:
             task = self.tasks.get(task_id)
             member = task.members.get(pid) if task is not None else None
-            if task is None or member is None:
+            if task is None or member is None or not member.has:
                 continue
-            levels = task.levels
-            if old < limit:
-                levels[old].discard(pid)
-            if uploads < limit:
-                levels[uploads].add(pid)
-            if old < limit <= uploads:  # now full
-                nfree = task.nfree
+            free, nfree = task.free, task.nfree
+            if old < limit and uploads < limit:
                 for piece in member.has:
+                    buckets = free[piece]
+                    buckets[old].discard(pid)
+                    buckets[uploads].add(pid)
+            elif old < limit:  # now full
+                for piece in member.has:
+                    free[piece][old].discard(pid)
                     n = nfree[piece] - 1
                     if n:
                         nfree[piece] = n
                     else:
                         del nfree[piece]
-            elif uploads < limit <= old:  # a slot freed
-                nfree = task.nfree
+            else:  # a slot freed
                 for piece in member.has:
+                    slots = free.get(piece)
+                    if slots is None:
+                        slots = free[piece] = [set() for _ in range(limit)]
+                    slots[uploads].add(pid)
                     nfree[piece] = nfree.get(piece, 0) + 1
             if uploads < old:
                 task.dirty_sources.add(pid)
@@ -641,8 +628,6 @@ class Scheduler:
         if peer.blacklisted:
             return
         pid = member.peer_id
-        if peer.uploads < self.up_limit:
-            task.levels[peer.uploads].discard(pid)
         for piece in member.has:
             n = task.good[piece] - 1
             if n:
@@ -652,6 +637,7 @@ class Scheduler:
                 task.dirty_pieces.add(piece)  # may come from the CDN now
                 task.cdn_freed = True
             if peer.uploads < self.up_limit:
+                task.free[piece][peer.uploads].discard(pid)
                 n = task.nfree[piece] - 1
                 if n:
                     task.nfree[piece] = n
