@@ -497,7 +497,7 @@ def test_simulation_swarm(seed: int) -> None:
 
 def test_cdn_finished_stops_assigning_complete_members() -> None:
     """Once the piece count is known, members holding every piece get nothing while others still do."""
-    s = setup(4, up_limit=10)
+    s = setup(4, up_limit=10, down_limit=4)
     assert s.join(T, "full", has=range(4)) == []
     got = s.cdn_finished(T, 4)
     assert got == []  # nobody is missing anything yet
