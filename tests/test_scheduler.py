@@ -588,3 +588,32 @@ def test_new_holder_serves_peers_that_waited_for_its_piece() -> None:
     assert len(out) == 2 and {x.source for x in out} == {"a"}
     assert {x.peer for x in out} <= {"b", "c", "d"}
     check_invariants(s)
+
+
+def test_end_game_last_piece_doubles_its_holders_every_round() -> None:
+    """The classic end game: 64 peers hold everything but the last piece, which only the CDN
+    has.  The CDN serves it once; from then on every holder serves one waiting peer per round,
+    so the holders double each round and all 64 finish in 1 + log2(64) rounds -- nobody waits
+    for the CDN again, and nobody stays idle while a holder has a free slot."""
+    n_peers, n_pieces = 64, 8
+    s = Scheduler(up_limit=1, down_limit=1)
+    s.add_task(T)
+    for p in range(n_pieces - 1):
+        s.cdn_piece_ready(T, p)
+    s.cdn_finished(T, n_pieces)
+    for i in range(n_peers):
+        assert s.join(T, f"p{i}", has=range(n_pieces - 1)) == []
+    running = s.cdn_piece_ready(T, n_pieces - 1)
+    assert [a.source for a in running] == [CDN]
+    rounds, holders = 0, []
+    while running:
+        nxt: list[Assignment] = []
+        for a in running:
+            nxt.extend(s.piece_done(T, a.peer, a.piece, a.source))
+        running = nxt
+        assert all(a.source != CDN for a in running)
+        rounds += 1
+        holders.append(len(s.tasks[T].holders[n_pieces - 1]))
+    assert holders == [1, 2, 4, 8, 16, 32, 64]
+    assert rounds == 7
+    assert all(Scheduler.member_complete(s.tasks[T], m) for m in s.tasks[T].members.values())
