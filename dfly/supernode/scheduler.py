@@ -335,10 +335,10 @@ class Scheduler:
         members = task.members
         if task.failed or not task.available:
             # Nothing to offer now; whoever has a free slot waits for the pieces to return.
-            for pid in task.to_fill:
+            for pid in task.to_fill if not task.failed else ():
                 member = members.get(pid)
                 if member is not None and not member.seeding_only and len(member.running) < self.down_limit:
-                    task.blocked[pid] = None
+                    task.blocked[pid] = None  # wants every piece, none available
             task.to_fill.clear()
             task.dirty_pieces.clear()
             task.dirty_sources.clear()
