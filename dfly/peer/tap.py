@@ -167,7 +167,7 @@ class PeerService(ListeningService):
         def api_session(wire: FramedProtocol) -> LocalApiSession:
             return LocalApiSession(wire, node)
 
-        listeners = [
+        listeners: list[tuple[str, Any]] = [
             (config["port"], FramedFactory(upload_session, idle_timeout=config["idle-timeout"], clock=reactor)),
             (f"unix:{sock}:mode=600", FramedFactory(api_session)),
         ]
