@@ -8,9 +8,6 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred
 from twisted.python import usage
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, RedirectAgent
-from twisted.web.iweb import IAgent, IPolicyForHTTPS
-from twisted.web.server import Site
 
 from dfly.config import (
     DEFAULT_PEER_PORT,
@@ -25,7 +22,6 @@ from dfly.errors import DflyError
 from dfly.listening import ListeningService
 from dfly.peer.localapi import LocalApiSession
 from dfly.peer.node import PeerNode
-from dfly.proxy.resource import ProxyResource
 from dfly.proxy.routes import DEFAULT_FILTER_PARAMS, P2PRules, check_registry, parse_allowed
 from dfly.wire.protocol import FramedFactory, FramedProtocol
 from dfly.wire.serve import SliceServerSession
@@ -119,8 +115,11 @@ class Options(usage.Options):
                 raise usage.UsageError(str(e)) from None
 
 
-def make_upstream_agent(reactor: Any, context_factory: IPolicyForHTTPS) -> IAgent:
-    """The proxy's upstream client: pooled, persistent connections; TLS per C{context_factory}."""
+def make_upstream_agent(reactor: Any, context_factory: Any) -> Any:
+    """The proxy's upstream client (an C{IAgent}): pooled, persistent connections; TLS per
+    C{context_factory} (an C{IPolicyForHTTPS})."""
+    from twisted.web.client import Agent, HTTPConnectionPool
+
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 8
     return Agent(reactor, contextFactory=context_factory, pool=pool, connectTimeout=30)
@@ -172,11 +171,19 @@ class PeerService(ListeningService):
             (f"unix:{sock}:mode=600", FramedFactory(api_session)),
         ]
         if config["proxy"]:
+            from twisted.web.server import Site
+
             listeners.append((config["proxy"], Site(self.make_proxy(node))))
         return listeners
 
-    def make_proxy(self, node: PeerNode) -> ProxyResource:
-        """The proxy resource, with an upstream agent trusting the system's CAs."""
+    def make_proxy(self, node: PeerNode) -> Any:
+        """The proxy resource, with an upstream agent trusting the system's CAs.
+
+        (Imported here: dfget reads this module for L{socket_path} and must start fast.)"""
+        from twisted.web.client import BrowserLikePolicyForHTTPS, RedirectAgent
+
+        from dfly.proxy.resource import ProxyResource
+
         config = self._config
         agent = make_upstream_agent(self._reactor, BrowserLikePolicyForHTTPS())
         return ProxyResource(
