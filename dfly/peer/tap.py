@@ -173,19 +173,21 @@ class PeerService(ListeningService):
         if config["proxy"]:
             from twisted.web.server import Site
 
-            listeners.append((config["proxy"], Site(self.make_proxy(node))))
+            # Idle keep-alive connections close after --idle-timeout (twisted.web suspends the
+            # timer while a request is being answered).
+            listeners.append((config["proxy"], Site(self.make_proxy(node), timeout=config["idle-timeout"])))
         return listeners
 
     def make_proxy(self, node: PeerNode) -> Any:
         """The proxy resource, with an upstream agent trusting the system's CAs.
 
         (Imported here: dfget reads this module for L{socket_path} and must start fast.)"""
-        from twisted.web.client import BrowserLikePolicyForHTTPS, RedirectAgent
+        from twisted.web.client import RedirectAgent
 
         from dfly.proxy.resource import ProxyResource
 
         config = self._config
-        agent = make_upstream_agent(self._reactor, BrowserLikePolicyForHTTPS())
+        agent = make_upstream_agent(self._reactor, self.upstream_policy())
         return ProxyResource(
             self._reactor,
             node,
@@ -198,6 +200,12 @@ class PeerService(ListeningService):
             fallback_after=config["fallback-after"],
             upstream_timeout=config["upstream-timeout"],
         )
+
+    def upstream_policy(self) -> Any:
+        """The C{IPolicyForHTTPS} for the proxy's https upstreams: the system's CAs."""
+        from twisted.web.client import BrowserLikePolicyForHTTPS
+
+        return BrowserLikePolicyForHTTPS()
 
     def listening(self, ports: list[Any]) -> None:
         assert self.node is not None
