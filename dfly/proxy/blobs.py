@@ -216,11 +216,11 @@ class SwarmGet:
         self._direct("fallback", f"swarm: {f.getErrorMessage()}")
 
     def _ready(self, stream: BlobStream) -> None:
+        stream.finished.addCallbacks(self._streamed, self._stream_failed)
         if self.gone:
             stream.stopProducing()
             return
         self._stream = stream
-        stream.finished.addCallbacks(self._streamed, self._stream_failed)
         self._pending = stream.first_bytes()
         self._pending.addCallback(lambda _: self._respond(stream))
         self._pending.addErrback(lambda f: f.trap(CancelledError))
