@@ -139,6 +139,7 @@ class PeerService(ListeningService):
         super().__init__(reactor)
         self._config = config
         self.node: PeerNode | None = None
+        self.proxy: Any = None  # the ProxyResource, when the proxy is on
 
     def listeners(self) -> list[tuple[str, Any]]:
         reactor, config = self._reactor, self._config
@@ -175,7 +176,8 @@ class PeerService(ListeningService):
 
             # Idle keep-alive connections close after --idle-timeout (twisted.web suspends the
             # timer while a request is being answered).
-            listeners.append((config["proxy"], Site(self.make_proxy(node), timeout=config["idle-timeout"])))
+            self.proxy = self.make_proxy(node)
+            listeners.append((config["proxy"], Site(self.proxy, timeout=config["idle-timeout"])))
         return listeners
 
     def make_proxy(self, node: PeerNode) -> Any:

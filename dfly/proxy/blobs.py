@@ -272,7 +272,7 @@ class SwarmGet:
         stream = self._stream
         if stream is None or self.gone:
             return
-        if stream.position == self._progress and not stream._paused:
+        if stream.position == self._progress and not stream.paused:
             stream.abandon(TaskFailed(f"the swarm made no progress for {self.fallback_after:g} s"))
             return
         self._progress = stream.position
