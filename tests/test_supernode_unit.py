@@ -36,7 +36,7 @@ from dfly.errors import BadControlMessage, PieceUnavailable
 from dfly.pieces import MIB, OVERHEAD, TAIL, SliceHeader, wrap
 from dfly.supernode.scheduler import CDN, Scheduler
 from dfly.supernode.service import PROTOCOL_VERSION, Supernode, SupernodeSession
-from dfly.urls import task_id_for
+from dfly.urls import digest_task_id, task_id_for
 from dfly.wire.framing import encode_control
 from dfly.wire.protocol import FramedProtocol
 
@@ -489,3 +489,89 @@ def test_stats_of_gone_peers_are_dropped(env: Env) -> None:
         register(session)
         session.connection_lost(Failure(ConnectionDone()))
     assert env.node.stats == {}
+
+
+# -- content named by its digest ------------------------------------------------------------
+
+
+def test_digest_names_one_task_for_every_url_and_credential(env: Env) -> None:
+    """Registrations with the same digest share one task (one origin GET) whatever the
+    registry, repository or credentials; the first registrant's Authorization is used."""
+    digest = "sha256:" + hashlib.sha256(CONTENT).hexdigest()
+    s1, w1 = connect(env.node, "p1")
+    s2, w2 = connect(env.node, "p2")
+    register(s1, url=f"http://reg-a.example/v2/x/blobs/{digest}", headers=["Authorization: Bearer a"], digest=digest)
+    register(s2, url=f"http://reg-b.example/v2/y/blobs/{digest}", headers=["Authorization: Bearer b"], digest=digest)
+    assert len(env.http.requests) == 1
+    assert env.http.requests[0].headers == {b"Authorization": [b"Bearer a"]}
+    tid = digest_task_id(digest)
+    assert list(env.node.tasks) == [tid]
+    assert w1.ops("registered")[0]["task"] == w2.ops("registered")[0]["task"] == tid
+    env.http.respond(0, FakeResponse(200, [CONTENT]))
+    assert env.node.tasks[tid].state == "done"
+
+
+def test_digest_mismatch_fails_the_task(env: Env) -> None:
+    """When the origin's bytes do not hash to the registered digest the task fails as an
+    IntegrityError and its cache is removed: it is never served as done."""
+    digest = "sha256:" + hashlib.sha256(b"something else").hexdigest()
+    s1, w1 = connect(env.node, "p1")
+    register(s1, url=f"http://reg.example/v2/x/blobs/{digest}", digest=digest)
+    tid = digest_task_id(digest)
+    env.http.respond(0, FakeResponse(200, [CONTENT]))
+    (failed,) = w1.ops("task_failed")
+    assert failed["kind"] == "IntegrityError" and "sha256" in failed["reason"]
+    assert tid not in env.node.tasks
+    assert not os.path.exists(env.node.cdn.cache_path(tid))
+
+
+def test_bad_digest_is_refused(env: Env) -> None:
+    """A malformed digest is refused; the link stays up."""
+    s1, w1 = connect(env.node, "p1")
+    register(s1, url="http://reg.example/v2/x/blobs/sha256:abc", digest="sha256:abc")
+    (refused,) = w1.ops("refused")
+    assert "digest" in refused["reason"]
+    assert env.http.requests == []
+
+
+
+@pytest.mark.parametrize("tail_ok", [True, False], ids=["right-tail", "wrong-tail"])
+def test_resumed_digest_task_checks_sha256_of_the_whole_file(tmp_path: Any, tail_ok: bool) -> None:
+    """A digest task cut short after its first piece, resumed by a restarted supernode with
+    a Range request, is checked against the digest over the whole file (the intact prefix
+    is re-hashed from the cache): a right tail makes it done, a wrong tail fails it."""
+    from twisted.internet.error import ConnectionLost
+
+    clock = MemoryReactorClock()
+    home = str(tmp_path / "home")
+    digest = "sha256:" + hashlib.sha256(CONTENT).hexdigest()
+    url = f"http://reg.example/v2/x/blobs/{digest}"
+    tid = digest_task_id(digest)
+    http1 = FakeHttp()
+    first = Supernode(clock, http1, home, piece_size=P)
+    # Like a process killed mid-fetch: nothing is cleaned up after the cut.
+    first.cdn.discard = lambda task: task.close()  # type: ignore[method-assign]
+    sa, _ = connect(first, "pa")
+    register(sa, url=url, digest=digest)
+    cut = FakeResponse(200, [CONTENT[: P - OVERHEAD]], length=len(CONTENT), reason=Failure(ConnectionLost()))
+    http1.respond(0, cut)
+    _close_tasks(first)
+
+    http2 = FakeHttp()
+    second = Supernode(clock, http2, home, piece_size=P)
+    assert second.tasks[tid].state == "partial"
+    sb, wb = connect(second, "pb")
+    register(sb, url=url, digest=digest)
+    (req,) = http2.requests
+    assert req.headers[b"Range"] == [f"bytes={P - OVERHEAD}-".encode()]
+    tail = CONTENT[P - OVERHEAD :] if tail_ok else b"x" * len(CONTENT[P - OVERHEAD :])
+    resumed = FakeResponse(206, [tail])
+    resumed.headers.setRawHeaders(b"content-range", [f"bytes {P - OVERHEAD}-{len(CONTENT) - 1}/{len(CONTENT)}".encode()])
+    http2.respond(0, resumed)
+    if tail_ok:
+        assert second.tasks[tid].state == "done"
+        assert check_cache(Env(clock, http2, second, home), tid, CONTENT)
+    else:
+        (failed,) = wb.ops("task_failed")
+        assert failed["kind"] == "IntegrityError" and tid not in second.tasks
+    _close_tasks(second)
