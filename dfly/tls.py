@@ -31,6 +31,8 @@ def load_ca_bundle(path: str) -> IOpenSSLTrustRoot:
     try:
         with open(path, "rb") as f:
             pem = f.read()
+        if b"-----BEGIN CERTIFICATE-----" not in pem:
+            raise TrustStoreError(f"no certificate in CA bundle {path}")
         certs = x509.load_pem_x509_certificates(pem)
     except (OSError, ValueError) as e:
         raise TrustStoreError(f"cannot read CA bundle {path}: {e}") from None

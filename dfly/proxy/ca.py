@@ -28,7 +28,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from OpenSSL import crypto
 
 from dfly.errors import DflyError
 
@@ -208,12 +207,12 @@ def ensure_ca(directory: str) -> tuple[str, bool]:
 
 @dataclass
 class Leaf:
-    """A minted certificate for one host, as pyOpenSSL objects ready for a server context."""
+    """A minted certificate for one host, with its key and the chain up to the CA."""
 
     host: str
-    certificate: crypto.X509
-    key: crypto.PKey
-    chain: list[crypto.X509]
+    certificate: x509.Certificate
+    key: Any
+    chain: list[x509.Certificate]
 
 
 class CertificateAuthority:
@@ -223,8 +222,6 @@ class CertificateAuthority:
         self.cert = cert
         self._key = key
         self._leaf_key = ec.generate_private_key(ec.SECP256R1())
-        self._leaf_pkey = crypto.PKey.from_cryptography_key(self._leaf_key)
-        self._ca_x509 = crypto.X509.from_cryptography(cert)
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._cache_size = cache_size
         self.minted = 0
@@ -238,7 +235,7 @@ class CertificateAuthority:
         """A freshly minted leaf for C{host} (not cached; see L{server_options})."""
         cert = mint_leaf(host, self.cert, self._key, self._leaf_key)
         self.minted += 1
-        return Leaf(host, crypto.X509.from_cryptography(cert), self._leaf_pkey, [self._ca_x509])
+        return Leaf(host, cert, self._leaf_key, [self.cert])
 
     def server_options(self, host: str) -> Any:
         """TLS server options presenting a leaf for C{host}, from the LRU cache or minted now."""
@@ -250,10 +247,14 @@ class CertificateAuthority:
         from twisted.internet.ssl import CertificateOptions
 
         leaf = self.leaf(host)
+        # pyOpenSSL contexts take cryptography objects directly (its own types are deprecated).
+        key: Any = leaf.key
+        certificate: Any = leaf.certificate
+        chain: Any = leaf.chain
         options = CertificateOptions(
-            privateKey=leaf.key,
-            certificate=leaf.certificate,
-            extraCertChain=leaf.chain,
+            privateKey=key,
+            certificate=certificate,
+            extraCertChain=chain,
             acceptableProtocols=[b"http/1.1"],
         )
         self._cache[host] = options

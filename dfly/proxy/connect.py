@@ -24,7 +24,8 @@ unregisters itself as the transport's producer and points C{transport.protocol} 
 protocol, which from then on receives the connection's bytes and its end.  Bytes the
 client sent after the CONNECT header block (a pipelined TLS ClientHello) are those the
 parser passes to C{rawDataReceived} once it is in raw mode; they are kept and given to
-the new protocol first.  While the target is being dialled the client's transport is
+the new protocol first, and whatever the parser's loop still drains from its buffer after
+the switch (a hijack switches at once, inside that loop) is passed on the same way.  While the target is being dialled the client's transport is
 paused, so that buffer holds at most one read.  For a hijack the new protocol is a
 C{TLSMemoryBIOProtocol} (server side) wrapping a new channel built by the site: a plain,
 fully fresh C{HTTPChannel} state machine that knows nothing of the CONNECT before it.
@@ -51,7 +52,7 @@ from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectingCancelledError, ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -215,6 +216,7 @@ class ProxyChannel(HTTPChannel):
     tunnel_origin: str | None = None
     _connecting: Deferred[Any] | None = None
     _early: list[bytes] | None = None
+    _handed_to: Any = None
 
     def allContentReceived(self) -> None:
         if self._command != b"CONNECT":
@@ -229,6 +231,11 @@ class ProxyChannel(HTTPChannel):
         self._connect(target)
 
     def rawDataReceived(self, data: bytes) -> None:
+        if self._handed_to is not None:
+            # The parser's loop is still draining its buffer after a hand-over made
+            # within it (a hijack is answered at once): the rest belongs to the new owner.
+            self._handed_to.dataReceived(data)
+            return
         if self._early is None:
             return super().rawDataReceived(data)
         self._early.append(data)
@@ -291,7 +298,7 @@ class ProxyChannel(HTTPChannel):
         if self._connecting is None:  # the client went away and we cancelled
             return
         self._connecting = None
-        if failure.check(TimeoutError, CancelledError):
+        if failure.check(TimeoutError, CancelledError, ConnectingCancelledError):
             why = f"timed out after {self.site.connect_timeout:g} s"
         else:
             why = failure.getErrorMessage()
@@ -317,12 +324,18 @@ class ProxyChannel(HTTPChannel):
     def _hand_over(self, protocol: Any, early: bytes) -> None:
         """Give this connection to C{protocol}, starting with the bytes C{early}."""
         transport = self.transport
-        transport.unregisterProducer()
-        transport.protocol = protocol
+        _unregister(transport)
+        transport.protocol = self._handed_to = protocol
         protocol.makeConnection(transport)
         if early:
             protocol.dataReceived(early)
         transport.resumeProducing()
+
+
+def _unregister(transport: Any) -> None:
+    """Unregister C{transport}'s producer, if it has one (some transports raise otherwise)."""
+    if getattr(transport, "producer", None) is not None:
+        transport.unregisterProducer()
 
 
 @implementer(IHalfCloseableProtocol)
@@ -407,7 +420,7 @@ class Tunnel:
         dest = self.other(source)
         if dest.lost:
             return
-        dest.transport.unregisterProducer()  # nothing more will come from source
+        _unregister(dest.transport)  # nothing more will come from source
         if hasattr(dest.transport, "loseWriteConnection"):
             dest.transport.loseWriteConnection()
         else:
@@ -421,7 +434,7 @@ class Tunnel:
     def end_lost(self, end: TunnelEnd, reason: Failure) -> None:
         other = self.other(end)
         if not other.lost:
-            other.transport.unregisterProducer()
+            _unregister(other.transport)
             other.transport.loseConnection()
         if self.client.lost and self.upstream.lost:
             self._finish()
@@ -429,7 +442,7 @@ class Tunnel:
     def close(self, why: str) -> None:
         for end in (self.client, self.upstream):
             if not end.lost:
-                end.transport.unregisterProducer()
+                _unregister(end.transport)
                 end.transport.loseConnection()
         if not self.closed:
             log.debug("closing tunnel to {target}: {why}", target=self.target, why=why)
