@@ -55,6 +55,14 @@ class Options(usage.Options):
         ["fallback-after", None, "5",
          "Seconds the swarm may take to start a response before the proxy fetches straight from the registry."],
         ["upstream-timeout", None, "60", "Seconds the proxy waits for an upstream's response headers (then 504)."],
+        ["upstream-ca", None, None,
+         "PEM bundle of CAs the proxy verifies HTTPS upstreams with (default: the system store)."],
+        ["ca-dir", None, None,
+         "Directory of the CA (ca.pem, ca.key) that signs certificates of hijacked hosts (default: the home); "
+         "created on first use."],
+        ["connect-ports", None, "443",
+         "Ports CONNECT may tunnel to, comma-separated, or 'any'; hijacked hosts may use any port."],
+        ["connect-timeout", None, "30", "Seconds to reach a CONNECT target before answering 502."],
     ]
 
     def __init__(self) -> None:
@@ -63,6 +71,19 @@ class Options(usage.Options):
         self["registry-allow"] = []
         self["p2p-rule"] = []
         self["filter-param"] = list(DEFAULT_FILTER_PARAMS)
+        self["hijack"] = []
+
+    def opt_hijack(self, value: str) -> None:
+        """Regex (searched in HOST:PORT and in HOST) of CONNECT targets whose TLS the proxy
+        intercepts with a certificate from its CA, so their requests are served like any
+        other (repeatable); other targets are tunnelled untouched."""
+        import re
+
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise usage.UsageError(f"--hijack {value!r}: {e}") from None
+        self["hijack"].append(value)
 
     def opt_registry_allow(self, value: str) -> None:
         """Registry a mirror request may name with ?ns=HOST (repeatable): HOST[:PORT] means https, http://HOST[:PORT] plain http."""
@@ -108,11 +129,35 @@ class Options(usage.Options):
         self["upstream-timeout"] = positive(float, "upstream-timeout", self["upstream-timeout"])
         if self["proxy"] in ("none", "off", ""):
             self["proxy"] = None
+        self["connect-timeout"] = positive(float, "connect-timeout", self["connect-timeout"])
+        self["connect-ports"] = parse_ports(self["connect-ports"])
+        self["ca-dir"] = os.path.abspath(self["ca-dir"] or self["home"])
+        if self["upstream-ca"] is not None:
+            from dfly.tls import load_ca_bundle
+
+            self["upstream-ca"] = os.path.abspath(self["upstream-ca"])
+            try:
+                load_ca_bundle(self["upstream-ca"])
+            except DflyError as e:
+                raise usage.UsageError(f"--upstream-ca: {e}") from None
         if self["registry"] is not None:
             try:
                 self["registry"] = check_registry(self["registry"])
             except DflyError as e:
                 raise usage.UsageError(str(e)) from None
+
+
+def parse_ports(text: str) -> frozenset[int] | None:
+    """C{--connect-ports}: C{"443,8443"} or C{"any"} (None)."""
+    if text.strip().lower() == "any":
+        return None
+    try:
+        ports = frozenset(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise usage.UsageError(f"--connect-ports must be port numbers or 'any', not {text!r}") from None
+    if not all(0 < p < 65536 for p in ports):
+        raise usage.UsageError(f"--connect-ports out of range: {text!r}")
+    return ports
 
 
 def make_upstream_agent(reactor: Any, context_factory: Any) -> Any:
@@ -172,18 +217,42 @@ class PeerService(ListeningService):
             (f"unix:{sock}:mode=600", FramedFactory(api_session)),
         ]
         if config["proxy"]:
-            from twisted.web.server import Site
-
-            # Idle keep-alive connections close after --idle-timeout (twisted.web suspends the
-            # timer while a request is being answered).
             self.proxy = self.make_proxy(node)
-            listeners.append((config["proxy"], Site(self.proxy, timeout=config["idle-timeout"])))
+            listeners.append((config["proxy"], self.make_proxy_site(self.proxy)))
         return listeners
 
-    def make_proxy(self, node: PeerNode) -> Any:
-        """The proxy resource, with an upstream agent trusting the system's CAs.
+    def make_proxy_site(self, resource: Any) -> Any:
+        """The proxy's site: the resource, plus CONNECT tunnels and hijacks signed by the CA.
 
         (Imported here: dfget reads this module for L{socket_path} and must start fast.)"""
+        from dfly.proxy.ca import CertificateAuthority, ensure_ca
+        from dfly.proxy.connect import ConnectRules, ProxySite
+
+        config = self._config
+        authority = None
+        if config["hijack"]:
+            try:
+                cert_path, created = ensure_ca(config["ca-dir"])
+                authority = CertificateAuthority.from_directory(config["ca-dir"])
+            except (DflyError, OSError) as e:
+                raise SystemExit(f"dfly-peer: cannot set up the proxy CA: {e}") from None
+            self._log.info(
+                "proxy CA {state} at {path}; clients of hijacked hosts must trust it",
+                state="created" if created else "found", path=cert_path,
+            )
+        # Idle keep-alive connections (hijacked ones included) close after --idle-timeout
+        # (twisted.web suspends the timer while a request is being answered).
+        return ProxySite(
+            resource,
+            self._reactor,
+            ConnectRules.build(config["hijack"], config["connect-ports"]),
+            authority=authority,
+            connect_timeout=config["connect-timeout"],
+            timeout=config["idle-timeout"],
+        )
+
+    def make_proxy(self, node: PeerNode) -> Any:
+        """The proxy resource, with an upstream agent verifying HTTPS (L{upstream_policy})."""
         from twisted.web.client import RedirectAgent
 
         from dfly.proxy.resource import ProxyResource
@@ -204,10 +273,11 @@ class PeerService(ListeningService):
         )
 
     def upstream_policy(self) -> Any:
-        """The C{IPolicyForHTTPS} for the proxy's https upstreams: the system's CAs."""
-        from twisted.web.client import BrowserLikePolicyForHTTPS
+        """The C{IPolicyForHTTPS} for the proxy's https upstreams: the system's CAs, or
+        C{--upstream-ca}."""
+        from dfly.tls import client_tls_policy
 
-        return BrowserLikePolicyForHTTPS()
+        return client_tls_policy(self._config["upstream-ca"])
 
     def listening(self, ports: list[Any]) -> None:
         assert self.node is not None
