@@ -108,7 +108,9 @@ class Registry:
         return out
 
     def egress(self, since: int = 0) -> dict[str, Any]:
-        """Bytes the registry wrote: all bodies, and blob bodies of GETs, after C{since}."""
+        """Bytes the registry wrote after offset C{since} of its log: all bodies (C{total_bytes}),
+        and blob bodies of successful GETs (C{blob_bytes}); C{blob_gets} lists every blob GET as
+        (uri, status, bytes, user agent)."""
         total = blob_bytes = 0
         blob_gets: list[tuple[str, int, int, str]] = []
         for e in self.responses(since):
@@ -116,7 +118,8 @@ class Registry:
             total += written
             uri = str(e.get("http.request.uri", ""))
             if e.get("http.request.method") == "GET" and "/blobs/" in uri:
-                blob_bytes += written
+                if int(e.get("http.response.status", 0)) in (200, 206):
+                    blob_bytes += written
                 blob_gets.append((uri, int(e.get("http.response.status", 0)), written, str(e.get("http.request.useragent", ""))))
         return {"total_bytes": total, "blob_bytes": blob_bytes, "blob_gets": blob_gets}
 
