@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from urllib.parse import urlsplit, urlunsplit
 
 from dfly.errors import DflyError
@@ -76,6 +77,23 @@ def task_id_for(task_url: str, sign: str = "", credentials: str = "") -> str:
     if credentials:
         data += b"\0" + credentials.encode()
     return hashlib.sha256(data).hexdigest()
+
+
+DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def check_digest(digest: str) -> str:
+    """Return C{digest} if it is C{sha256:} and 64 lower-case hex digits, else raise L{DflyError}."""
+    if not isinstance(digest, str) or not DIGEST.match(digest):
+        raise DflyError(f"not a sha256 digest: {str(digest)[:100]!r}")
+    return digest
+
+
+def digest_task_id(digest: str) -> str:
+    """The task id of content named by its digest: the same blob from any registry or
+    repository, with any credentials, is one task.  (Who may be served it is decided by
+    the peer, which asks the registry with the client's own credentials first.)"""
+    return hashlib.sha256(b"dfly-digest\0" + check_digest(digest).encode()).hexdigest()
 
 
 def parse_header_lines(lines: list[str]) -> list[tuple[str, str]]:

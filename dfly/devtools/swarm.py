@@ -168,7 +168,10 @@ class Swarm:
         assert self.supernode_info is not None
         return f"127.0.0.1:{self.supernode_info['port']}"
 
-    def start_peer(self, name: str, *extra: str) -> Proc:
+    def start_peer(self, name: str, *extra: str, proxy: str | None = None) -> Proc:
+        """Start peer daemon C{name}; with C{proxy} (an endpoint string, e.g.
+        C{"tcp:0:interface=127.0.0.1"}) its HTTP proxy listens there and C{info["proxy"]} is
+        its port, else the proxy is off.  C{extra} may add proxy options (C{--registry} ...)."""
         home = os.path.join(self.root, name)
         ready = os.path.join(self.root, f"{name}.ready")
         proc = self.spawn(
@@ -176,13 +179,17 @@ class Swarm:
             [
                 tool("twistd"), "-n", "--pidfile=", "-l", "-", "dfly-peer",
                 "--supernode", self.supernode_address, "--port", "tcp:0:interface=127.0.0.1",
-                "--home", home, "--ready-file", ready, *extra,
+                "--home", home, "--ready-file", ready, "--proxy", proxy or "none", *extra,
             ],
             ready,
         )
         proc.info["home"] = home
         self.peers[name] = proc
         return proc
+
+    def proxy_url(self, peer: str) -> str:
+        """Base URL of a peer's proxy (started with C{proxy=...})."""
+        return f"http://127.0.0.1:{self.peers[peer].info['proxy']}"
 
     # -- using it ----------------------------------------------------------
     def dfget_argv(self, url: str, output: str, *extra: str, peer: str | None = None) -> list[str]:

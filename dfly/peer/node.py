@@ -22,7 +22,7 @@ import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
@@ -41,7 +41,15 @@ from dfly.peer.fetch import PieceRequest, SourcePool
 from dfly.peer.link import SupernodeLink
 from dfly.peer.store import PeerStore
 from dfly.pieces import check_piece_size
-from dfly.urls import check_url, credential_key, filter_url, parse_header_lines, task_id_for
+from dfly.urls import (
+    check_digest,
+    check_url,
+    credential_key,
+    digest_task_id,
+    filter_url,
+    parse_header_lines,
+    task_id_for,
+)
 from dfly.wire.framing import MAX_CONTROL
 from dfly.wire.messages import (
     encode_ranges,
@@ -52,6 +60,9 @@ from dfly.wire.messages import (
     get_str,
     get_task_id,
 )
+
+if TYPE_CHECKING:
+    from dfly.peer.stream import BlobStream
 
 Progress = Callable[[int, "int | None"], None]
 
@@ -65,9 +76,12 @@ class DownloadRequest:
     filters: list[str] = field(default_factory=list)
     md5: str | None = None
     identifier: str | None = None
+    digest: str | None = None  # "sha256:<hex>": the content's own name (registry blobs)
 
     @property
     def task_id(self) -> str:
+        if self.digest is not None:
+            return digest_task_id(self.digest)
         sign = self.md5 or self.identifier or ""
         return task_id_for(filter_url(self.url, self.filters), sign, credential_key(self.headers))
 
@@ -117,17 +131,36 @@ class Download:
         self.finished_at: float | None = None
         self.waiters: list[Deferred[DownloadResult]] = []
         self.listeners: list[Progress] = []
+        # Called with no arguments whenever something a reader may wait for changed: task
+        # info (size) arrived, a piece was verified, the task was reset, finished or failed.
+        self.watchers: list[Callable[[], None]] = []
         self.req_id: int | None = None
         self.link_timer: Any = None
         self.md5 = hashlib.md5()
         self.hashed = 0  # pieces [0, hashed) are in self.md5
         self.hashing = False
         self.generation: str | None = None
+        self.error: Exception | None = None
         self.epoch = 0  # bumped when the content version changes; late callbacks check it
 
     @property
     def store(self) -> Any:
         return self.node.store.get(self.task_id)
+
+    def notify(self) -> None:
+        """Tell every watcher (in-order readers) that something changed."""
+        for watcher in list(self.watchers):
+            watcher()
+
+    def prefix(self) -> int:
+        """Bytes held contiguously from the start of the file."""
+        store = self.store
+        if store is None:
+            return 0
+        n = 0
+        while n in store.have:
+            n += 1
+        return 0 if n == 0 else int(store.data_offset(n - 1) + store.have[n - 1])
 
     def received(self) -> int:
         store = self.store
@@ -206,6 +239,8 @@ class PeerNode:
         """Fetch C{request} through the swarm; the Deferred fires once it is verified."""
         try:
             check_url(request.url)
+            if request.digest is not None:
+                check_digest(request.digest)
             parse_header_lines(request.headers)
             task_id = request.task_id
             size = len(json.dumps(self._register_msg(request, 0, "", None)))
@@ -236,6 +271,20 @@ class PeerNode:
         d: Deferred[DownloadResult] = Deferred(cancel)
         dl.waiters.append(d)
         return d
+
+    def stream(
+        self,
+        request: DownloadRequest,
+        offset: int = 0,
+        end: int | None = None,
+        expected_sha256: str | None = None,
+    ) -> Deferred[BlobStream]:
+        """Join (or start) the download of C{request} and read its bytes in order as they
+        arrive: the Deferred fires with a L{BlobStream} of bytes [offset, end) once the size
+        is known (see L{dfly.peer.stream}).  Cancelling it leaves the download running."""
+        from dfly.peer.stream import open_stream
+
+        return open_stream(self, request, offset, end, expected_sha256)
 
     def lease(self, task_id: str) -> None:
         store = self.store.get(task_id)
@@ -304,6 +353,7 @@ class PeerNode:
             "identifier": request.identifier,
             "have": have,
             "generation": generation,
+            **({"digest": request.digest} if request.digest is not None else {}),
         }
 
     def _no_link(self, dl: Download) -> None:
@@ -357,6 +407,7 @@ class PeerNode:
         if dl.state == "done":
             if self.downloads.get(dl.task_id) is dl:
                 del self.downloads[dl.task_id]
+            dl.notify()
             return
         dl.epoch += 1
         dl.piece_size = dl.length = dl.piece_count = None
@@ -365,6 +416,7 @@ class PeerNode:
         dl.from_cdn = dl.from_peers = 0
         if dl.state == "verifying":
             dl.state = "registered"
+        dl.notify()
 
     def _task_info(self, dl: Download, msg: dict[str, Any]) -> None:
         state = get_opt_str(msg, "state", 32)
@@ -398,6 +450,7 @@ class PeerNode:
             dl.piece_count = count
         if msg.get("md5"):
             dl.file_md5 = get_md5(msg, "md5")
+        dl.notify()
         self._check_complete(dl)
 
     def _assign(self, dl: Download | None, msg: dict[str, Any]) -> None:
@@ -463,6 +516,7 @@ class PeerNode:
         received = dl.received()
         for listener in list(dl.listeners):
             listener(received, dl.length)
+        dl.notify()
         self._advance_hash(dl)
         self._check_complete(dl)
 
@@ -540,6 +594,7 @@ class PeerNode:
         result = dl.result()
         for d in waiters:
             d.callback(result)
+        dl.notify()
         self.collect_garbage()
 
     def collect_garbage(self) -> list[str]:
@@ -589,8 +644,10 @@ class PeerNode:
         self.store.remove(dl.task_id)
         waiters, dl.waiters = dl.waiters, []
         dl.listeners.clear()
+        dl.error = error
         for d in waiters:
             d.errback(Failure(error))
+        dl.notify()
 
     # -- sharing ---------------------------------------------------------------
     def lookup(self, task_id: str, piece: int, who: str) -> Any:

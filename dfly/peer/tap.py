@@ -8,6 +8,9 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred
 from twisted.python import usage
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, RedirectAgent
+from twisted.web.iweb import IAgent, IPolicyForHTTPS
+from twisted.web.server import Site
 
 from dfly.config import (
     DEFAULT_PEER_PORT,
@@ -18,11 +21,16 @@ from dfly.config import (
     positive,
     write_ready_file,
 )
+from dfly.errors import DflyError
 from dfly.listening import ListeningService
 from dfly.peer.localapi import LocalApiSession
 from dfly.peer.node import PeerNode
+from dfly.proxy.resource import ProxyResource
+from dfly.proxy.routes import DEFAULT_FILTER_PARAMS, P2PRules, check_registry, parse_allowed
 from dfly.wire.protocol import FramedFactory, FramedProtocol
 from dfly.wire.serve import SliceServerSession
+
+DEFAULT_PROXY = "tcp:65001:interface=127.0.0.1"
 
 
 class Options(usage.Options):
@@ -43,11 +51,45 @@ class Options(usage.Options):
         ["link-timeout", None, "30", "Seconds without any supernode before unfinished downloads fail."],
         ["keepalive", None, "20", "Seconds between pings on the supernode link (3 missed: reconnect)."],
         ["ready-file", None, None, "Write {\"port\": N, \"socket\": PATH} as JSON here once listening."],
+        ["proxy", None, DEFAULT_PROXY,
+         "Endpoint of the HTTP proxy (registry mirror and forward proxy) container runtimes pull through; "
+         "'none' turns it off."],
+        ["registry", None, None,
+         "Upstream registry URL of mirror requests (https://registry.example); containerd's ?ns= may name others."],
+        ["fallback-after", None, "5",
+         "Seconds the swarm may take to start a response before the proxy fetches straight from the registry."],
+        ["upstream-timeout", None, "60", "Seconds the proxy waits for an upstream's response headers (then 504)."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["supernode"] = []
+        self["registry-allow"] = []
+        self["p2p-rule"] = []
+        self["filter-param"] = list(DEFAULT_FILTER_PARAMS)
+
+    def opt_registry_allow(self, value: str) -> None:
+        """Registry a mirror request may name with ?ns=HOST (repeatable): HOST[:PORT] means https, http://HOST[:PORT] plain http."""
+        try:
+            parse_allowed([value])
+        except DflyError as e:
+            raise usage.UsageError(str(e)) from None
+        self["registry-allow"].append(value)
+
+    def opt_p2p_rule(self, value: str) -> None:
+        """Regex (searched in the URL) of other files a GET fetches through the swarm (repeatable); registry blobs always do."""
+        try:
+            P2PRules([value])
+        except DflyError as e:
+            raise usage.UsageError(str(e)) from None
+        self["p2p-rule"].append(value)
+
+    def opt_filter_param(self, value: str) -> None:
+        """Query parameter left out of --p2p-rule files' identity (repeatable; adds to the S3/GCS/Azure signature defaults; 'none' clears)."""
+        if value == "none":
+            self["filter-param"] = []
+        else:
+            self["filter-param"].append(value)
 
     def opt_supernode(self, value: str) -> None:
         """Supernode HOST:PORT (repeatable; tried in order). Default 127.0.0.1:8002."""
@@ -66,6 +108,22 @@ class Options(usage.Options):
         if self["min-rate"] <= 0:
             raise usage.UsageError("--min-rate must be positive")
         self["home"] = os.path.abspath(self["home"])
+        self["fallback-after"] = positive(float, "fallback-after", self["fallback-after"])
+        self["upstream-timeout"] = positive(float, "upstream-timeout", self["upstream-timeout"])
+        if self["proxy"] in ("none", "off", ""):
+            self["proxy"] = None
+        if self["registry"] is not None:
+            try:
+                self["registry"] = check_registry(self["registry"])
+            except DflyError as e:
+                raise usage.UsageError(str(e)) from None
+
+
+def make_upstream_agent(reactor: Any, context_factory: IPolicyForHTTPS) -> IAgent:
+    """The proxy's upstream client: pooled, persistent connections; TLS per C{context_factory}."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 8
+    return Agent(reactor, contextFactory=context_factory, pool=pool, connectTimeout=30)
 
 
 def socket_path(home: str) -> str:
@@ -109,10 +167,30 @@ class PeerService(ListeningService):
         def api_session(wire: FramedProtocol) -> LocalApiSession:
             return LocalApiSession(wire, node)
 
-        return [
+        listeners = [
             (config["port"], FramedFactory(upload_session, idle_timeout=config["idle-timeout"], clock=reactor)),
             (f"unix:{sock}:mode=600", FramedFactory(api_session)),
         ]
+        if config["proxy"]:
+            listeners.append((config["proxy"], Site(self.make_proxy(node))))
+        return listeners
+
+    def make_proxy(self, node: PeerNode) -> ProxyResource:
+        """The proxy resource, with an upstream agent trusting the system's CAs."""
+        config = self._config
+        agent = make_upstream_agent(self._reactor, BrowserLikePolicyForHTTPS())
+        return ProxyResource(
+            self._reactor,
+            node,
+            agent,
+            RedirectAgent(agent),
+            registry=config["registry"],
+            allowed=parse_allowed(config["registry-allow"]),
+            rules=P2PRules(config["p2p-rule"]),
+            filters=config["filter-param"],
+            fallback_after=config["fallback-after"],
+            upstream_timeout=config["upstream-timeout"],
+        )
 
     def listening(self, ports: list[Any]) -> None:
         assert self.node is not None
@@ -123,7 +201,11 @@ class PeerService(ListeningService):
             "peer {peer_id} uploading on port {port}, local API at {sock}", peer_id=node.peer_id, port=port, sock=sock
         )
         node.start(port)
-        write_ready_file(config["ready-file"], {"port": port, "socket": sock, "pid": os.getpid(), "peer": node.peer_id})
+        info: dict[str, Any] = {"port": port, "socket": sock, "pid": os.getpid(), "peer": node.peer_id}
+        if config["proxy"]:
+            info["proxy"] = ports[2].getHost().port
+            self._log.info("proxy listening on port {proxy}", proxy=info["proxy"])
+        write_ready_file(config["ready-file"], info)
 
     def stopService(self) -> Deferred[Any]:
         if self.node is not None:

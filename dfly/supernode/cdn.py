@@ -61,6 +61,7 @@ class CdnTask:
     task_url: str
     headers: dict[bytes, list[bytes]]
     expected_md5: str | None = None
+    expected_sha256: str | None = None  # "sha256:<hex>" for content named by its digest
     state: str = "waiting"  # waiting -> running -> done | failed; "partial" after a restart
     length: int | None = None
     piece_size: int | None = None
@@ -104,6 +105,7 @@ class _Resume:
 
     pieces: int
     md5: Any
+    sha256: Any
     piece_md5: dict[int, str]
 
 
@@ -268,10 +270,12 @@ class Cdn:
     def piece_ready(self, task: CdnTask, piece: int) -> None:
         self._on_piece(task, piece)
 
-    def finished(self, task: CdnTask, raw_md5: str) -> None:
+    def finished(self, task: CdnTask, raw_md5: str, raw_sha256: str | None = None) -> None:
         task.file_md5 = raw_md5
         if task.expected_md5 and task.expected_md5 != raw_md5:
             raise IntegrityError(f"file md5 {raw_md5} is not the expected {task.expected_md5}")
+        if task.expected_sha256 and task.expected_sha256 != f"sha256:{raw_sha256}":
+            raise IntegrityError(f"the origin's content has sha256:{raw_sha256}, not the digest {task.expected_sha256}")
         task.state = "done"
         self.write_meta(task, finished=True)
         self._log.info(
@@ -291,6 +295,7 @@ class Cdn:
             "url": task.url,
             "task_url": task.task_url,
             "expected_md5": task.expected_md5,
+            "expected_sha256": task.expected_sha256,
             "length": task.length,
             "piece_size": task.piece_size,
             "etag": task.etag,
@@ -343,6 +348,7 @@ class Cdn:
         if self.cache_path(task_id) + ".meta" != meta_path or not meta.get("piece_size"):
             return None
         task = CdnTask(task_id, str(meta["url"]), str(meta["task_url"]), {}, expected_md5=meta.get("expected_md5"))
+        task.expected_sha256 = meta.get("expected_sha256")
         task.length = meta.get("length")
         task.piece_size = int(meta["piece_size"])
         task.etag = meta.get("etag")
@@ -373,6 +379,7 @@ class Cdn:
         cap = task.piece_size - OVERHEAD
         header = SliceHeader(cap, task.piece_size).encode()
         md5 = hashlib.md5()
+        sha256 = hashlib.sha256()
         piece_md5: dict[int, str] = {}
         try:
             with open(self.cache_path(task.task_id), "rb") as f:
@@ -387,10 +394,11 @@ class Cdn:
                         break  # damaged: a finished task knows each piece's md5
                     piece_md5[n] = digest
                     md5.update(raw[4 : 4 + cap])
+                    sha256.update(raw[4 : 4 + cap])
                     n += 1
         except OSError:
             return None
-        return _Resume(n, md5, piece_md5)
+        return _Resume(n, md5, sha256, piece_md5)
 
     def revalidate(self, task: CdnTask, headers: dict[bytes, list[bytes]]) -> Deferred[bool]:
         """Ask the origin whether the cached version is current: True (304) or False (changed).
@@ -485,6 +493,7 @@ class Slicer(Protocol):
         self._full_header = SliceHeader(self._cap, self._p).encode()
         self._piece_md5 = hashlib.md5(self._full_header)
         self._file_md5 = resume.md5 if resume else hashlib.md5()
+        self._file_sha256 = resume.sha256 if resume else hashlib.sha256()
         self._reactor = reactor
         self._idle_timeout = idle_timeout
         self._timer: IDelayedCall | None = reactor.callLater(idle_timeout, self._stalled)
@@ -513,6 +522,7 @@ class Slicer(Protocol):
             self._abort(OriginError(f"origin sent more than its Content-Length {task.length}"))
             return
         self._file_md5.update(data)
+        self._file_sha256.update(data)
         view = memoryview(data)
         pos = 0
         try:
@@ -568,7 +578,7 @@ class Slicer(Protocol):
                 os.ftruncate(self._fd, last * self._p + task.piece_len[last] + OVERHEAD)
             except OSError as e:
                 raise StorageError(f"cannot write the cache: {e.strerror or e}") from None
-            self._cdn.finished(task, self._file_md5.hexdigest())
+            self._cdn.finished(task, self._file_md5.hexdigest(), self._file_sha256.hexdigest())
         except Exception:
             self.finished.errback()
         else:

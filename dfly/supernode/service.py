@@ -22,7 +22,14 @@ from dfly.errors import BadControlMessage, DflyError, PieceUnavailable
 from dfly.pieces import OVERHEAD, Layout
 from dfly.supernode.cdn import Cdn, CdnTask
 from dfly.supernode.scheduler import CDN, Assignment, Scheduler
-from dfly.urls import check_url, credential_key, filter_url, origin_headers, task_id_for
+from dfly.urls import (
+    check_url,
+    credential_key,
+    digest_task_id,
+    filter_url,
+    origin_headers,
+    task_id_for,
+)
 from dfly.wire.messages import (
     decode_ranges,
     get_int,
@@ -122,8 +129,12 @@ class Supernode:
             headers = origin_headers(lines)
             task_url = filter_url(url, get_str_list(msg, "filter", 64))
             md5 = get_md5(msg, "md5") if msg.get("md5") else None
-            sign = md5 or get_opt_str(msg, "identifier", 512) or ""
-            task_id = task_id_for(task_url, sign, credential_key(lines))
+            digest = get_opt_str(msg, "digest", 80)
+            if digest is not None:
+                task_id = digest_task_id(digest)
+            else:
+                sign = md5 or get_opt_str(msg, "identifier", 512) or ""
+                task_id = task_id_for(task_url, sign, credential_key(lines))
         except (DflyError, BadControlMessage) as e:
             # A request we cannot serve is refused; the peer's link stays up for its others.
             session.wire.send_control({"op": "refused", "req": req, "reason": str(e)})
@@ -133,7 +144,9 @@ class Supernode:
             return
         task = self.tasks.get(task_id)
         if task is None:
-            task = CdnTask(task_id, url, task_url, headers, expected_md5=md5, created=time.time())
+            task = CdnTask(
+                task_id, url, task_url, headers, expected_md5=md5, expected_sha256=digest, created=time.time()
+            )
             self.tasks[task_id] = task
             self.scheduler.add_task(task_id)
             self.cdn.start(task)
@@ -196,7 +209,10 @@ class Supernode:
         self._broadcast(old, {"op": "task_reset", "task": old.task_id})
         self.scheduler.remove_task(old.task_id)
         self.cdn.discard(old)
-        task = CdnTask(old.task_id, old.url, old.task_url, headers, expected_md5=old.expected_md5, created=time.time())
+        task = CdnTask(
+            old.task_id, old.url, old.task_url, headers,
+            expected_md5=old.expected_md5, expected_sha256=old.expected_sha256, created=time.time(),
+        )
         self.tasks[task.task_id] = task
         self.scheduler.add_task(task.task_id)
         self.cdn.start(task)
