@@ -57,7 +57,7 @@ def systemd_environment(text: str) -> dict[str, str]:
 
 def start_proxy_peer(swarm: Swarm, name: str, *extra: str) -> tuple[Proc, int]:
     """A peer daemon with its registry proxy on a free loopback port; returns it and the port."""
-    proc = swarm.start_peer(name, "--proxy", "tcp:0:interface=127.0.0.1", *extra)
+    proc = swarm.start_peer(name, *extra, proxy="tcp:0:interface=127.0.0.1")
     return proc, int(proc.info["proxy"])
 
 
@@ -72,6 +72,17 @@ def certs_dir_with(path: str, directory: str) -> str:
     with open(path, "rb") as src, open(os.path.join(directory, "ca.crt"), "wb") as dst:
         dst.write(src.read())
     return directory
+
+
+def auth_file(path: str, user: str, password: str, *hosts: str) -> str:
+    """A containers auth.json giving C{user}'s credentials for each C{host[:port]}.
+
+    skopeo never sends --src-creds to a mirror (they are meant for the primary registry):
+    credentials for a mirror are looked up under the mirror's own host:port."""
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    with open(path, "w") as f:
+        json.dump({"auths": {host: {"auth": token} for host in hosts}}, f)
+    return path
 
 
 def basic(user: str, password: str) -> dict[str, str]:

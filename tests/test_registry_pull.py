@@ -83,11 +83,11 @@ def env(
         assert not crashed, f"processes exited abnormally: {crashed}"
 
 
-def registries_conf(env: SimpleNamespace, name: str, text: str) -> dict[str, str]:
+def registries_conf(env: SimpleNamespace, name: str, text: str) -> str:
     path = os.path.join(env.root, name)
     with open(path, "w") as f:
         f.write(text)
-    return {"CONTAINERS_REGISTRIES_CONF": path}
+    return path
 
 
 def assert_no_client_fetched_blobs(egress: dict[str, Any]) -> None:
@@ -106,7 +106,7 @@ def test_three_peers_pull_the_image_once(env: SimpleNamespace, standard_image: I
     ref = f"{reg.hostport}/big/app:v1"
     mark = reg.log_size()
 
-    mirror_env = registries_conf(
+    mirror_conf = registries_conf(
         env, "mirror-registries.conf",
         snippet("containers/registries.conf", proxy=f"127.0.0.1:{env.mirror_port}", registry=reg.hostport),
     )
@@ -133,7 +133,7 @@ def test_three_peers_pull_the_image_once(env: SimpleNamespace, standard_image: I
     # CA: a silent fallback to the registry itself would fail, not pass.
     def run(which: str) -> subprocess.CompletedProcess[str]:
         if which == "mirror":
-            return skopeo(["copy", f"docker://{ref}", f"dir:{out_mirror}"], env=mirror_env, timeout=240)
+            return skopeo(["copy", f"docker://{ref}", f"dir:{out_mirror}"], registries_conf=mirror_conf, timeout=240)
         if which == "proxy":
             return skopeo(
                 ["copy", "--src-cert-dir", env.dfly_certs, f"docker://{ref}", f"dir:{out_proxy}"], env=proxy_env, timeout=240
@@ -177,7 +177,7 @@ def test_daemon_json_mirror(env: SimpleNamespace, small_image: Image) -> None:
     )
     mark = reg.log_size()
     out = os.path.join(env.root, "out-daemon-mirror")
-    p = skopeo(["copy", f"docker://{reg.hostport}/small/app:v1", f"dir:{out}"], env=registries_conf(env, "daemon-mirror.conf", conf))
+    p = skopeo(["copy", f"docker://{reg.hostport}/small/app:v1", f"dir:{out}"], registries_conf=registries_conf(env, "daemon-mirror.conf", conf))
     assert p.returncode == 0, p.stderr
     check_dir_blobs(out, small_image)
     egress = reg.egress(mark)

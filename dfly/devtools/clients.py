@@ -58,11 +58,20 @@ def which(name: str) -> str | None:
     )
 
 
-def skopeo(args: list[str], env: Mapping[str, str] | None = None, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-    """Run C{skopeo ARGS}; C{env} is added to a minimal environment (PATH, HOME, TMPDIR)."""
+def skopeo(
+    args: list[str],
+    env: Mapping[str, str] | None = None,
+    timeout: float = 120.0,
+    registries_conf: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run C{skopeo ARGS}; C{env} is added to a minimal environment (PATH, HOME, TMPDIR).
+
+    C{registries_conf} is passed as C{--registries-conf} (skopeo 1.9 does not read
+    C{CONTAINERS_REGISTRIES_CONF})."""
     base = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "TMPDIR", "LANG")}
+    conf = ["--registries-conf", registries_conf] if registries_conf else []
     return subprocess.run(
-        [which("skopeo") or "skopeo", *args],
+        [which("skopeo") or "skopeo", *conf, *args],
         env={**base, **(env or {})},
         capture_output=True,
         text=True,
