@@ -91,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'",
                    help="header sent to the origin (repeatable)")
     p.add_argument("-e", "--timeout", help="give up after this many seconds")
+    p.add_argument("--ca-file", metavar="PEM",
+                   help="CAs to verify an HTTPS origin with when downloading from it directly (default: the system store)")
     p.add_argument("--no-back-source", action="store_true", help="never download straight from the origin")
     p.add_argument("--json", action="store_true", help="print a JSON summary line on stdout when done")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -131,6 +133,16 @@ class Options(dict[str, Any]):
                 raise usage.UsageError("--timeout must be a finite number of seconds")
         if self["home"] and self["supernode"]:
             raise usage.UsageError("give --home or --supernode, not both")
+        if self.get("ca-file"):
+            from dfly.tls import TrustStoreError, load_ca_bundle
+
+            self["ca-file"] = os.path.abspath(self["ca-file"])
+            try:
+                load_ca_bundle(self["ca-file"])
+            except TrustStoreError as e:
+                raise usage.UsageError(f"--ca-file: {e}") from None
+        else:
+            self["ca-file"] = None
         if not self["output"]:
             from urllib.parse import unquote, urlsplit
 
@@ -387,7 +399,7 @@ async def back_source(reactor: Any, opts: Options, out: Output, reporter: Report
     from dfly.httpclient import OriginClient
 
     start = time.monotonic()
-    client = OriginClient(reactor, persistent=False)
+    client = OriginClient(reactor, persistent=False, ca_file=opts["ca-file"])
     try:
         response = await client.request("GET", opts["url"], headers=origin_headers(opts["header"]))
     except CancelledError:

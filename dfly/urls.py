@@ -79,12 +79,12 @@ def task_id_for(task_url: str, sign: str = "", credentials: str = "") -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def check_digest(digest: str) -> str:
     """Return C{digest} if it is C{sha256:} and 64 lower-case hex digits, else raise L{DflyError}."""
-    if not isinstance(digest, str) or not DIGEST.match(digest):
+    if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
         raise DflyError(f"not a sha256 digest: {str(digest)[:100]!r}")
     return digest
 

@@ -6,6 +6,16 @@ are ignored.  C{GET /_stats} returns JSON: bytes of body sent and requests
 per file name.  Bodies are streamed with a producer, never read whole; with
 C{--rate} every response is paced to that many bytes per second.
 
+Registry-like mode (C{--registry-like}): C{GET}/C{HEAD} of
+C{/v2/<name>/blobs/sha256:<hex>} serve the file named C{sha256:<hex>} with the
+headers a registry sends (C{Docker-Content-Digest}); the file's content is
+not checked against its name, so a test can serve a wrong blob.  With
+C{--redirect-to BASE} such a blob answers C{307} to
+C{BASE/sha256:<hex>?X-Amz-Signature=<random>} instead (object storage), and
+C{/redirect/NAME} answers C{302} to C{BASE/NAME}; C{/redirect-relative/NAME}
+answers C{302} with the relative C{Location: /NAME}.  C{/_stats} counts, per
+name, the requests that carried an C{Authorization} header (C{"auth"}).
+
     python -m dfly.devtools.origin --dir DIR --port tcp:0:interface=127.0.0.1 --port-file F [--rate 4M]
 """
 
@@ -13,7 +23,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
+import uuid
 from typing import Any
 
 from twisted.internet.interfaces import IPullProducer, IPushProducer
@@ -24,6 +36,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import alsoProvides
 
 CHUNK = 256 * 1024
+BLOB = re.compile(r"^v2/.+/blobs/(sha256:[0-9a-f]{64})$")
 
 
 class _Body:
@@ -166,32 +179,74 @@ class Origin(Resource):
 
     isLeaf = True
 
-    def __init__(self, directory: str, rate: float | None = None, clock: Any = None, auth: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: str,
+        rate: float | None = None,
+        clock: Any = None,
+        auth: str | None = None,
+        registry_like: bool = False,
+        redirect_to: str | None = None,
+    ) -> None:
         super().__init__()
         self.auth = auth
+        self.registry_like = registry_like
+        self.redirect_to = redirect_to.rstrip("/") if redirect_to else None
         self.directory = os.path.abspath(directory)
         self.rate = rate
         self.clock = clock
-        self.stats: dict[str, Any] = {"bytes": {}, "requests": {}, "total_bytes": 0, "statuses": {}}
+        self.stats: dict[str, Any] = {
+            "bytes": {}, "requests": {}, "total_bytes": 0, "statuses": {}, "auth": {}, "heads": {},
+        }
+
+    def render_HEAD(self, request: Request) -> Any:
+        return self.render_GET(request)
 
     def render_GET(self, request: Request) -> Any:
         parts = [p.decode("utf-8", "replace") for p in request.postpath or []]
+        head = request.method == b"HEAD"
         if parts == ["_stats"]:
             request.setHeader(b"content-type", b"application/json")
             return json.dumps(self.stats).encode()
         chunked = fault = None
-        if parts and parts[0] == "chunked":
+        blob = BLOB.match("/".join(parts)) if self.registry_like else None
+        if blob is not None:
+            parts = [blob.group(1)]
+        elif parts and parts[0] == "chunked":
             chunked, parts = True, parts[1:]
         elif len(parts) > 1 and parts[0] == "fault":
             fault, parts = parts[1], parts[2:]
+        elif len(parts) > 1 and parts[0] in ("redirect", "redirect-relative"):
+            target = "/" + "/".join(parts[1:])
+            if parts[0] == "redirect":
+                if self.redirect_to is None:
+                    return self._status(request, target, 404, b"no --redirect-to\n")
+                target = self.redirect_to + target
+            self._seen(request, "/".join(parts))
+            request.setHeader(b"location", target.encode())
+            return self._status(request, "/".join(parts), 302, b"")
         name = "/".join(parts)
         path = os.path.normpath(os.path.join(self.directory, name))
         if not name or not path.startswith(self.directory + os.sep) or not os.path.isfile(path):
+            if blob is not None:
+                request.setHeader(b"content-type", b"application/json")
+                return self._status(request, name, 404, b'{"errors":[{"code":"BLOB_UNKNOWN"}]}\n')
             return self._status(request, name, 404, b"not found\n")
-        self.stats["requests"][name] = self.stats["requests"].get(name, 0) + 1
+        self._seen(request, name)
         if self.auth and request.getHeader(b"authorization") != f"Bearer {self.auth}".encode():
             request.setHeader(b"www-authenticate", b'Bearer realm="origin"')
             return self._status(request, name, 401, b"unauthorized\n")
+        if blob is not None:
+            request.setHeader(b"docker-content-digest", name.encode())
+            if self.redirect_to is not None:
+                signed = f"{self.redirect_to}/{name}?X-Amz-Signature={uuid.uuid4().hex}&X-Amz-Date=now"
+                request.setHeader(b"location", signed.encode())
+                return self._status(request, name, 307, b"")
+        if head:
+            request.setHeader(b"content-type", b"application/octet-stream")
+            request.setHeader(b"content-length", str(os.path.getsize(path)).encode())
+            self.stats["heads"][name] = self.stats["heads"].get(name, 0) + 1
+            return self._status(request, name, 200, b"")
         if fault in ("500", "503"):
             return self._status(request, name, int(fault), b"origin fault\n")
         st = os.stat(path)
@@ -222,6 +277,13 @@ class Origin(Resource):
         _Body(request, path, self.stats, name, offset, length, self.rate, self.clock, fault)
         return NOT_DONE_YET
 
+    def _seen(self, request: Request, name: str) -> None:
+        """Count a request (HEADs apart) and whether it carried credentials."""
+        if request.method != b"HEAD":
+            self.stats["requests"][name] = self.stats["requests"].get(name, 0) + 1
+        if request.getHeader(b"authorization") is not None:
+            self.stats["auth"][name] = self.stats["auth"].get(name, 0) + 1
+
     def _count(self, name: str, code: int) -> None:
         key = f"{name} {code}"
         self.stats["statuses"][key] = self.stats["statuses"].get(key, 0) + 1
@@ -239,7 +301,9 @@ class Options(usage.Options):
         ["port-file", None, None, "Write the port number here once listening."],
         ["rate", None, None, "Pace every response to this many bytes/s (K, M, G suffixes)."],
         ["auth", None, None, "Answer 401 unless the request has 'Authorization: Bearer AUTH'."],
+        ["redirect-to", None, None, "Base URL /redirect/NAME (and registry-like blobs) redirect to."],
     ]
+    optFlags = [["registry-like", None, "Serve /v2/<name>/blobs/sha256:<hex> from the file sha256:<hex>."]]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -259,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"origin serving {opts['dir']} on port {number}", flush=True)
 
     rate = parse_rate(opts["rate"]) if opts["rate"] else None
-    d = serverFromString(reactor, opts["port"]).listen(Site(Origin(opts["dir"], rate, reactor, opts["auth"])))
+    d = serverFromString(reactor, opts["port"]).listen(Site(Origin(opts["dir"], rate, reactor, opts["auth"], opts["registry-like"], opts["redirect-to"])))
     d.addCallback(listening)
     def failed(f: Any) -> None:
         print(f"origin: {f.getErrorMessage()}", file=sys.stderr)

@@ -8,9 +8,8 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred
 from twisted.python import usage
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, RedirectAgent
+from twisted.web.client import Agent, HTTPConnectionPool, RedirectAgent
 from twisted.web.iweb import IAgent, IPolicyForHTTPS
-from twisted.web.server import Site
 
 from dfly.config import (
     DEFAULT_PEER_PORT,
@@ -25,8 +24,11 @@ from dfly.errors import DflyError
 from dfly.listening import ListeningService
 from dfly.peer.localapi import LocalApiSession
 from dfly.peer.node import PeerNode
+from dfly.proxy.ca import CertificateAuthority, ensure_ca
+from dfly.proxy.connect import ConnectRules, ProxySite
 from dfly.proxy.resource import ProxyResource
 from dfly.proxy.routes import DEFAULT_FILTER_PARAMS, P2PRules, check_registry, parse_allowed
+from dfly.tls import client_tls_policy, load_ca_bundle
 from dfly.wire.protocol import FramedFactory, FramedProtocol
 from dfly.wire.serve import SliceServerSession
 
@@ -59,6 +61,14 @@ class Options(usage.Options):
         ["fallback-after", None, "5",
          "Seconds the swarm may take to start a response before the proxy fetches straight from the registry."],
         ["upstream-timeout", None, "60", "Seconds the proxy waits for an upstream's response headers (then 504)."],
+        ["upstream-ca", None, None,
+         "PEM bundle of CAs the proxy verifies HTTPS upstreams with (default: the system store)."],
+        ["ca-dir", None, None,
+         "Directory of the CA (ca.pem, ca.key) that signs certificates of hijacked hosts (default: the home); "
+         "created on first use."],
+        ["connect-ports", None, "443",
+         "Ports CONNECT may tunnel to, comma-separated, or 'any'; hijacked hosts may use any port."],
+        ["connect-timeout", None, "30", "Seconds to reach a CONNECT target before answering 502."],
     ]
 
     def __init__(self) -> None:
@@ -67,6 +77,19 @@ class Options(usage.Options):
         self["registry-allow"] = []
         self["p2p-rule"] = []
         self["filter-param"] = list(DEFAULT_FILTER_PARAMS)
+        self["hijack"] = []
+
+    def opt_hijack(self, value: str) -> None:
+        """Regex (searched in HOST:PORT and in HOST) of CONNECT targets whose TLS the proxy
+        intercepts with a certificate from its CA, so their requests are served like any
+        other (repeatable); other targets are tunnelled untouched."""
+        import re
+
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise usage.UsageError(f"--hijack {value!r}: {e}") from None
+        self["hijack"].append(value)
 
     def opt_registry_allow(self, value: str) -> None:
         """Registry a mirror request may name with ?ns=HOST (repeatable): HOST[:PORT] means https, http://HOST[:PORT] plain http."""
@@ -112,11 +135,33 @@ class Options(usage.Options):
         self["upstream-timeout"] = positive(float, "upstream-timeout", self["upstream-timeout"])
         if self["proxy"] in ("none", "off", ""):
             self["proxy"] = None
+        self["connect-timeout"] = positive(float, "connect-timeout", self["connect-timeout"])
+        self["connect-ports"] = parse_ports(self["connect-ports"])
+        self["ca-dir"] = os.path.abspath(self["ca-dir"] or self["home"])
+        if self["upstream-ca"] is not None:
+            self["upstream-ca"] = os.path.abspath(self["upstream-ca"])
+            try:
+                load_ca_bundle(self["upstream-ca"])
+            except DflyError as e:
+                raise usage.UsageError(f"--upstream-ca: {e}") from None
         if self["registry"] is not None:
             try:
                 self["registry"] = check_registry(self["registry"])
             except DflyError as e:
                 raise usage.UsageError(str(e)) from None
+
+
+def parse_ports(text: str) -> frozenset[int] | None:
+    """C{--connect-ports}: C{"443,8443"} or C{"any"} (None)."""
+    if text.strip().lower() == "any":
+        return None
+    try:
+        ports = frozenset(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise usage.UsageError(f"--connect-ports must be port numbers or 'any', not {text!r}") from None
+    if not all(0 < p < 65536 for p in ports):
+        raise usage.UsageError(f"--connect-ports out of range: {text!r}")
+    return ports
 
 
 def make_upstream_agent(reactor: Any, context_factory: IPolicyForHTTPS) -> IAgent:
@@ -167,18 +212,40 @@ class PeerService(ListeningService):
         def api_session(wire: FramedProtocol) -> LocalApiSession:
             return LocalApiSession(wire, node)
 
-        listeners = [
+        listeners: list[tuple[str, Any]] = [
             (config["port"], FramedFactory(upload_session, idle_timeout=config["idle-timeout"], clock=reactor)),
             (f"unix:{sock}:mode=600", FramedFactory(api_session)),
         ]
         if config["proxy"]:
-            listeners.append((config["proxy"], Site(self.make_proxy(node))))
+            listeners.append((config["proxy"], self.make_proxy_site(node)))
         return listeners
 
-    def make_proxy(self, node: PeerNode) -> ProxyResource:
-        """The proxy resource, with an upstream agent trusting the system's CAs."""
+    def make_proxy_site(self, node: PeerNode) -> ProxySite:
+        """The proxy's site: the resource, plus CONNECT tunnels and hijacks signed by the CA."""
         config = self._config
-        agent = make_upstream_agent(self._reactor, BrowserLikePolicyForHTTPS())
+        authority = None
+        if config["hijack"]:
+            try:
+                cert_path, created = ensure_ca(config["ca-dir"])
+                authority = CertificateAuthority.from_directory(config["ca-dir"])
+            except (DflyError, OSError) as e:
+                raise SystemExit(f"dfly-peer: cannot set up the proxy CA: {e}") from None
+            self._log.info(
+                "proxy CA {state} at {path}; clients of hijacked hosts must trust it",
+                state="created" if created else "found", path=cert_path,
+            )
+        return ProxySite(
+            self.make_proxy(node),
+            self._reactor,
+            ConnectRules.build(config["hijack"], config["connect-ports"]),
+            authority=authority,
+            connect_timeout=config["connect-timeout"],
+        )
+
+    def make_proxy(self, node: PeerNode) -> ProxyResource:
+        """The proxy resource, with an upstream agent verifying HTTPS (system store or --upstream-ca)."""
+        config = self._config
+        agent = make_upstream_agent(self._reactor, client_tls_policy(config["upstream-ca"]))
         return ProxyResource(
             self._reactor,
             node,

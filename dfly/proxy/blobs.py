@@ -39,7 +39,7 @@ from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Response
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgent
+from twisted.web.iweb import IAgent
 from twisted.web.server import Request
 
 from dfly.peer.node import DownloadRequest
@@ -157,8 +157,9 @@ class SwarmGet:
             if self.gone:
                 return
             if 200 <= response.code < 300:
-                if response.length is not UNKNOWN_LENGTH:
-                    self.head_length = int(response.length)
+                lengths = response.headers.getRawHeaders(b"content-length")  # a HEAD has no body
+                if lengths and lengths[-1].strip().isdigit():
+                    self.head_length = int(lengths[-1])
                 types = response.headers.getRawHeaders(b"content-type")
                 self.content_type = types[-1] if types else None
                 self._swarm()

@@ -41,6 +41,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from twisted.web.server import Request
 
+from dfly.tls import describe_tls_failure
+
 # Headers of one connection (RFC 9110 7.6.1), plus proxy credentials, never passed on.
 HOP_BY_HOP = frozenset(
     {
@@ -170,6 +172,9 @@ class Relay(Protocol):
 
 def upstream_status(f: Failure) -> tuple[int, str]:
     """The status a client gets when the upstream could not answer at all."""
+    tls = describe_tls_failure(f)
+    if tls is not None:
+        return 502, f"upstream {tls}"
     if f.check(CancelledError, net_error.TimeoutError):
         return 504, "upstream did not answer in time"
     if f.check(ResponseFailed):

@@ -26,7 +26,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from dfly.errors import DflyError
 
-BLOB_PATH = re.compile(r"^/v2/([^?#]+)/blobs/(sha256:[0-9a-f]{64})$")
+BLOB_PATH = re.compile(r"/v2/([^?#\n]+)/blobs/(sha256:[0-9a-f]{64})")
 
 # Query parameters of signed object-storage URLs (S3, GCS, Azure...): they change with every
 # signature but name the same object, so they are not part of a task's identity.
@@ -143,7 +143,7 @@ def classify(
 
 def blob_digest(path: str) -> str | None:
     """The digest a C{/v2/<name>/blobs/sha256:<hex>} path names, else None."""
-    m = BLOB_PATH.match(path)
+    m = BLOB_PATH.fullmatch(path)
     return m.group(2) if m else None
 
 

@@ -46,6 +46,7 @@ class Options(usage.Options):
         ["revalidate-after", None, "5", "Seconds a cached file is trusted before the origin is asked again."],
         ["cache-limit", None, "0", "Evict idle cached files, least recently used first, above this size (0: never)."],
         ["idle-timeout", None, "60", "Seconds before a connection that shows no life is closed (peers ping every 20)."],
+        ["origin-ca", None, None, "PEM bundle of CAs to verify HTTPS origins with (default: the system store)."],
         ["ready-file", None, None, "Write {\"port\": N, \"api\": M} as JSON here once listening."],
     ]
 
@@ -67,13 +68,21 @@ class Options(usage.Options):
         except ValueError:
             raise usage.UsageError("--revalidate-after must be a number") from None
         self["home"] = os.path.abspath(self["home"])
+        if self["origin-ca"] is not None:
+            from dfly.tls import TrustStoreError, load_ca_bundle
+
+            self["origin-ca"] = os.path.abspath(self["origin-ca"])
+            try:
+                load_ca_bundle(self["origin-ca"])
+            except TrustStoreError as e:
+                raise usage.UsageError(f"--origin-ca: {e}") from None
 
 
-def make_http_client(reactor: Any) -> Any:
-    """The origin client: pooled connections, redirects followed, bytes untouched."""
+def make_http_client(reactor: Any, ca_file: str | None = None) -> Any:
+    """The origin client: pooled connections, redirects followed, bytes untouched, HTTPS verified."""
     from dfly.httpclient import OriginClient
 
-    return OriginClient(reactor)
+    return OriginClient(reactor, ca_file=ca_file)
 
 
 class SupernodeService(ListeningService):
@@ -114,7 +123,7 @@ def makeService(config: Options, reactor: Any = None, http: Any = None) -> IServ
     )
     node = Supernode(
         reactor,
-        http or make_http_client(reactor),
+        http or make_http_client(reactor, config["origin-ca"]),
         config["home"],
         scheduler,
         piece_size=config["piece-size"],
