@@ -36,7 +36,7 @@ from dfly.errors import BadControlMessage, PieceUnavailable
 from dfly.pieces import MIB, OVERHEAD, TAIL, SliceHeader, wrap
 from dfly.supernode.scheduler import CDN
 from dfly.supernode.service import PROTOCOL_VERSION, Supernode, SupernodeSession
-from dfly.urls import task_id_for
+from dfly.urls import digest_task_id, task_id_for
 from dfly.wire.framing import encode_control
 from dfly.wire.protocol import FramedProtocol
 
@@ -487,3 +487,46 @@ def test_stats_of_gone_peers_are_dropped(env: Env) -> None:
         register(session)
         session.connection_lost(Failure(ConnectionDone()))
     assert env.node.stats == {}
+
+
+# -- content named by its digest ------------------------------------------------------------
+
+
+def test_digest_names_one_task_for_every_url_and_credential(env: Env) -> None:
+    """Registrations with the same digest share one task (one origin GET) whatever the
+    registry, repository or credentials; the first registrant's Authorization is used."""
+    digest = "sha256:" + hashlib.sha256(CONTENT).hexdigest()
+    s1, w1 = connect(env.node, "p1")
+    s2, w2 = connect(env.node, "p2")
+    register(s1, url=f"http://reg-a.example/v2/x/blobs/{digest}", headers=["Authorization: Bearer a"], digest=digest)
+    register(s2, url=f"http://reg-b.example/v2/y/blobs/{digest}", headers=["Authorization: Bearer b"], digest=digest)
+    assert len(env.http.requests) == 1
+    assert env.http.requests[0].headers == {b"Authorization": [b"Bearer a"]}
+    tid = digest_task_id(digest)
+    assert list(env.node.tasks) == [tid]
+    assert w1.ops("registered")[0]["task"] == w2.ops("registered")[0]["task"] == tid
+    env.http.respond(0, FakeResponse(200, [CONTENT]))
+    assert env.node.tasks[tid].state == "done"
+
+
+def test_digest_mismatch_fails_the_task(env: Env) -> None:
+    """When the origin's bytes do not hash to the registered digest the task fails as an
+    IntegrityError and its cache is removed: it is never served as done."""
+    digest = "sha256:" + hashlib.sha256(b"something else").hexdigest()
+    s1, w1 = connect(env.node, "p1")
+    register(s1, url=f"http://reg.example/v2/x/blobs/{digest}", digest=digest)
+    tid = digest_task_id(digest)
+    env.http.respond(0, FakeResponse(200, [CONTENT]))
+    (failed,) = w1.ops("task_failed")
+    assert failed["kind"] == "IntegrityError" and "sha256" in failed["reason"]
+    assert tid not in env.node.tasks
+    assert not os.path.exists(env.node.cdn.cache_path(tid))
+
+
+def test_bad_digest_is_refused(env: Env) -> None:
+    """A malformed digest is refused; the link stays up."""
+    s1, w1 = connect(env.node, "p1")
+    register(s1, url="http://reg.example/v2/x/blobs/sha256:abc", digest="sha256:abc")
+    (refused,) = w1.ops("refused")
+    assert "digest" in refused["reason"]
+    assert env.http.requests == []

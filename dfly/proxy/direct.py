@@ -89,16 +89,17 @@ def body_producer(request: Request, cooperator: Cooperator | None) -> IBodyProdu
 def copy_response(request: Request, response: IResponse) -> None:
     """Status, reason and end-to-end headers of C{response} onto C{request}."""
     request.setResponseCode(response.code, response.phrase or None)
-    skip = hop_names(response.headers) | {b"content-length"}
+    skip = hop_names(response.headers) | {b"content-length"}  # set from the body's real length below
     for name, values in response.headers.getAllRawHeaders():
         if name.lower() not in skip:
             request.responseHeaders.setRawHeaders(name, list(values))
-    if response.length is not UNKNOWN_LENGTH:
-        request.responseHeaders.setRawHeaders(b"content-length", [str(response.length).encode()])
-    elif request.method == b"HEAD":
+    if request.method == b"HEAD":
+        # The client parser keeps a HEAD response's Content-Length among its headers.
         length = response.headers.getRawHeaders(b"content-length")
         if length:
             request.responseHeaders.setRawHeaders(b"content-length", [length[-1]])
+    elif response.length is not UNKNOWN_LENGTH:
+        request.responseHeaders.setRawHeaders(b"content-length", [str(response.length).encode()])
 
 
 def abort_client(request: Request) -> None:
