@@ -54,6 +54,8 @@ def env(
     registry's TLS, and mirror mode too) and C{ctr} (mirror for containerd's ?ns=), and a
     containerd daemon."""
     require_programs("docker-registry", "skopeo", "containerd", "ctr")
+    if os.geteuid() != 0:
+        pytest.skip("containerd needs root")
     root = str(tmp_path_factory.mktemp("registry-pull"))
     swarm = Swarm(os.path.join(root, "swarm"))
     ctrd: Containerd | None = None
