@@ -208,7 +208,9 @@ def test_garbage_after_refusal_is_ignored() -> None:
     """A refused client that keeps sending does not get its bytes parsed as requests."""
     h = Harness()
     h.feed(b"CONNECT ssh.example:22 HTTP/1.1\r\n\r\nGET http://x/ HTTP/1.1\r\n\r\n")
+    h.feed(b"GET http://x/ HTTP/1.1\r\n\r\n")
     assert not h.resource.seen
+    assert h.client.value().count(b"HTTP/1.1") == 1
 
 
 def test_plain_proxy_requests_reach_the_resource() -> None:
@@ -405,3 +407,29 @@ def test_hijack_rules_need_an_authority() -> None:
     """A site with hijack rules and no CA is a configuration error, not a runtime surprise."""
     with pytest.raises(ValueError):
         ProxySite(Echo(), MemoryReactorClock(), ConnectRules.build(["x"]))
+
+
+def test_garbage_instead_of_tls_in_a_hijack_closes_that_connection_only() -> None:
+    """A client that sends plain text where the TLS handshake should be loses its connection;
+    nothing reaches the resource and the site keeps working for the next client."""
+    h = Harness(hijack=[r"registry\.example"])
+    h.feed(b"CONNECT registry.example:443 HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\nHost: registry.example\r\n\r\n")
+    h.reactor.advance(0)
+    assert h.client.disconnecting or h.client.disconnected
+    assert not h.resource.seen
+    again = Harness(hijack=[r"registry\.example"])
+    again.feed(b"GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n")
+    assert again.resource.seen == [(None, b"GET", b"http://a.example/")]
+
+
+def test_certificate_minting_failure_is_502() -> None:
+    """If no certificate can be made for a hijacked host, the client gets a 502 saying so."""
+    h = Harness(hijack=[r"registry\.example"])
+
+    def broken(host: str) -> Any:
+        raise ValueError("no key")
+
+    h.authority.server_options = broken  # type: ignore[method-assign]
+    h.feed(b"CONNECT registry.example:443 HTTP/1.1\r\n\r\n")
+    assert h.client.value().startswith(b"HTTP/1.1 502")
+    assert b"cannot make a certificate for registry.example: no key" in h.client.value()

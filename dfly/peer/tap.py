@@ -8,8 +8,6 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred
 from twisted.python import usage
-from twisted.web.client import Agent, HTTPConnectionPool, RedirectAgent
-from twisted.web.iweb import IAgent, IPolicyForHTTPS
 
 from dfly.config import (
     DEFAULT_PEER_PORT,
@@ -24,11 +22,7 @@ from dfly.errors import DflyError
 from dfly.listening import ListeningService
 from dfly.peer.localapi import LocalApiSession
 from dfly.peer.node import PeerNode
-from dfly.proxy.ca import CertificateAuthority, ensure_ca
-from dfly.proxy.connect import ConnectRules, ProxySite
-from dfly.proxy.resource import ProxyResource
 from dfly.proxy.routes import DEFAULT_FILTER_PARAMS, P2PRules, check_registry, parse_allowed
-from dfly.tls import client_tls_policy, load_ca_bundle
 from dfly.wire.protocol import FramedFactory, FramedProtocol
 from dfly.wire.serve import SliceServerSession
 
@@ -139,6 +133,8 @@ class Options(usage.Options):
         self["connect-ports"] = parse_ports(self["connect-ports"])
         self["ca-dir"] = os.path.abspath(self["ca-dir"] or self["home"])
         if self["upstream-ca"] is not None:
+            from dfly.tls import load_ca_bundle
+
             self["upstream-ca"] = os.path.abspath(self["upstream-ca"])
             try:
                 load_ca_bundle(self["upstream-ca"])
@@ -164,8 +160,11 @@ def parse_ports(text: str) -> frozenset[int] | None:
     return ports
 
 
-def make_upstream_agent(reactor: Any, context_factory: IPolicyForHTTPS) -> IAgent:
-    """The proxy's upstream client: pooled, persistent connections; TLS per C{context_factory}."""
+def make_upstream_agent(reactor: Any, context_factory: Any) -> Any:
+    """The proxy's upstream client (an C{IAgent}): pooled, persistent connections; TLS per
+    C{context_factory} (an C{IPolicyForHTTPS})."""
+    from twisted.web.client import Agent, HTTPConnectionPool
+
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 8
     return Agent(reactor, contextFactory=context_factory, pool=pool, connectTimeout=30)
@@ -220,8 +219,13 @@ class PeerService(ListeningService):
             listeners.append((config["proxy"], self.make_proxy_site(node)))
         return listeners
 
-    def make_proxy_site(self, node: PeerNode) -> ProxySite:
-        """The proxy's site: the resource, plus CONNECT tunnels and hijacks signed by the CA."""
+    def make_proxy_site(self, node: PeerNode) -> Any:
+        """The proxy's site: the resource, plus CONNECT tunnels and hijacks signed by the CA.
+
+        (Imported here: dfget reads this module for L{socket_path} and must start fast.)"""
+        from dfly.proxy.ca import CertificateAuthority, ensure_ca
+        from dfly.proxy.connect import ConnectRules, ProxySite
+
         config = self._config
         authority = None
         if config["hijack"]:
@@ -242,8 +246,13 @@ class PeerService(ListeningService):
             connect_timeout=config["connect-timeout"],
         )
 
-    def make_proxy(self, node: PeerNode) -> ProxyResource:
+    def make_proxy(self, node: PeerNode) -> Any:
         """The proxy resource, with an upstream agent verifying HTTPS (system store or --upstream-ca)."""
+        from twisted.web.client import RedirectAgent
+
+        from dfly.proxy.resource import ProxyResource
+        from dfly.tls import client_tls_policy
+
         config = self._config
         agent = make_upstream_agent(self._reactor, client_tls_policy(config["upstream-ca"]))
         return ProxyResource(

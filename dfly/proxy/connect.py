@@ -217,6 +217,7 @@ class ProxyChannel(HTTPChannel):
     _connecting: Deferred[Any] | None = None
     _early: list[bytes] | None = None
     _handed_to: Any = None
+    _refused = False
 
     def allContentReceived(self) -> None:
         if self._command != b"CONNECT":
@@ -236,6 +237,8 @@ class ProxyChannel(HTTPChannel):
             # within it (a hijack is answered at once): the rest belongs to the new owner.
             self._handed_to.dataReceived(data)
             return
+        if self._refused:
+            return  # the answer is out and the connection closing: what follows is dropped
         if self._early is None:
             return super().rawDataReceived(data)
         self._early.append(data)
@@ -250,6 +253,7 @@ class ProxyChannel(HTTPChannel):
 
     def _refuse(self, code: int, phrase: str, reason: str) -> None:
         log.info("CONNECT refused ({code}): {reason}", code=code, reason=reason)
+        self._refused = True
         self._early = None
         if self._connecting is not None:
             d, self._connecting = self._connecting, None

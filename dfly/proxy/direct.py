@@ -185,7 +185,7 @@ def upstream_status(f: Failure) -> tuple[int, str]:
 
 def send_error(request: Request, status: int, message: str, headers: dict[bytes, bytes] | None = None) -> None:
     """A short plain-text answer produced by the proxy itself."""
-    if request.finished or request.startedWriting:
+    if request.finished or request.startedWriting or getattr(request, "_disconnected", False):
         return
     body = (message.rstrip("\n") + "\n").encode("utf-8", "replace")
     request.setResponseCode(status)
