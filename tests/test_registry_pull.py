@@ -10,6 +10,7 @@ response with the bytes written (C{http.response.written}), summed over blob C{G
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import json
 import os
@@ -72,7 +73,7 @@ def env(
         ctr_peer, ctr_port = start_proxy_peer(swarm, "ctr", "--registry-allow", reg.hostport, "--upstream-ca", ca)
         ctrd = Containerd(swarm)
         yield SimpleNamespace(
-            root=root, swarm=swarm, reg=reg, ctrd=ctrd,
+            root=root, swarm=swarm, reg=reg, ctrd=ctrd, proxy_host=test_hostnames["proxy"],
             mirror=mirror, mirror_port=mirror_port, hijack=hijack, hijack_port=hijack_port,
             ctr_peer=ctr_peer, ctr_port=ctr_port,
             dfly_certs=certs_dir_with(peer_ca(hijack), os.path.join(root, "dfly-certs")),
@@ -164,8 +165,9 @@ def test_three_peers_pull_the_image_once(env: SimpleNamespace, standard_image: I
 
     egress = reg.egress(mark)
     assert_no_client_fetched_blobs(egress)
+    statuses = sorted(collections.Counter(str(g[1]) for g in egress["blob_gets"]).items())
     print(f"image blobs {image.blob_bytes} B; registry blob egress for 3 pulls {egress['blob_bytes']} B "
-          f"({egress['blob_bytes'] / image.blob_bytes:.3f} x); {len(egress['blob_gets'])} blob GETs")
+          f"({egress['blob_bytes'] / image.blob_bytes:.3f} x); blob GETs by status {statuses}")
     assert egress["blob_bytes"] <= 1.1 * image.blob_bytes
     # The layers did come from this registry (through the supernode), at least once.
     assert egress["blob_bytes"] >= max(b.size for b in image.layers)
@@ -211,11 +213,11 @@ def test_daemon_json_mirror(env: SimpleNamespace, small_image: Image) -> None:
 
 def test_systemd_drop_in_proxy(env: SimpleNamespace, small_image: Image) -> None:
     """The HTTP_PROXY / HTTPS_PROXY / NO_PROXY of etc/docker/http-proxy.conf, given to skopeo as
-    they are, take an HTTPS pull through the peer's interception (the client trusts only the
-    peer's CA), and the blobs arrive verified."""
+    they are (the proxy named proxy.dfly.test here), take an HTTPS pull through the peer's
+    interception (the client trusts only the peer's CA), and the blobs arrive verified."""
     with open(os.path.join(os.path.dirname(__file__), "..", "etc", "docker", "http-proxy.conf")) as f:
         assert "[Service]" in f.read()
-    proxy_env = systemd_environment(snippet("docker/http-proxy.conf", proxy=f"127.0.0.1:{env.hijack_port}"))
+    proxy_env = systemd_environment(snippet("docker/http-proxy.conf", proxy=f"{env.proxy_host}:{env.hijack_port}"))
     assert set(proxy_env) == {"HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"}
     reg = env.reg
     mark = reg.log_size()
