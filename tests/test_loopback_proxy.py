@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -209,6 +210,35 @@ def test_first_bytes_reach_the_client_before_the_blob_exists(swarm: Swarm, files
     rest = r.read()
     conn.close()
     assert sha(first + rest) == digest
+
+
+def test_stalled_swarm_is_continued_from_the_registry(swarm: Swarm, files: str) -> None:
+    """A client is reading a blob from the swarm when the supernode freezes (SIGSTOP): after
+    --fallback-after seconds without progress the proxy fetches the rest from the origin with
+    a Range request, and the client still gets the whole blob, digest intact."""
+    size = 16 * MIB
+    digest, _ = registry_blob(files, size, seed=12)
+    swarm.start_origin(files, "--registry-like", "--rate", "4M")
+    swarm.start_supernode("--piece-size", "1")
+    sn = [p for p in swarm.procs if p.name == "supernode"][0]
+    swarm.start_peer("p1", "--registry", f"http://127.0.0.1:{swarm.origin_port}", "--fallback-after", "2", proxy=LOCAL)
+    url = blob_url(swarm.proxy_url("p1"), "x/y", digest)
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection("127.0.0.1", parts.port, timeout=60)
+    try:
+        conn.request("GET", parts.path)
+        r = conn.getresponse()
+        assert r.status == 200
+        first = r.read(2 * MIB)
+        sn.popen.send_signal(signal.SIGSTOP)
+        rest = r.read()
+    finally:
+        sn.popen.send_signal(signal.SIGCONT)
+        conn.close()
+    assert sha(first + rest) == digest
+    statuses = swarm.origin_stats()["statuses"]
+    assert statuses.get(f"{digest} 206") == 1, statuses
+    assert wait_for(lambda: any("route=fallback status=200" in line for line in proxy_log(swarm, "p1")))
 
 
 def test_wrong_blob_never_reaches_a_client_complete(swarm: Swarm, files: str) -> None:

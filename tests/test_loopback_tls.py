@@ -63,7 +63,7 @@ def tls_origin_stats(swarm: Swarm, pki: Pki, name: str = "127.0.0.1") -> dict[st
 def start_proxy(swarm: Swarm, name: str, *extra: str) -> tuple[Proc, int]:
     if swarm.supernode_info is None:
         swarm.start_supernode()
-    proc = swarm.start_peer(name, "--proxy", "tcp:0:interface=127.0.0.1", *extra)
+    proc = swarm.start_peer(name, *extra, proxy="tcp:0:interface=127.0.0.1")
     return proc, int(proc.info["proxy"])
 
 
@@ -283,6 +283,27 @@ def test_hijack_refuses_unverified_upstream(swarm: Swarm, files: str, pki: Pki, 
     assert code == "502", r.stdout + r.stderr
     assert "TLS verification failed" in body
     assert "f.bin" not in tls_origin_stats(swarm, pki, origin_name)["requests"]
+
+
+def test_hijacked_registry_blobs_go_through_the_swarm(swarm: Swarm, files: str, pki: Pki) -> None:
+    """Two peers hijack an HTTPS registry (private CA): a blob pulled through each peer's proxy
+    is served through the swarm (route p2p), the supernode fetching it over verified HTTPS
+    (--origin-ca) once; both clients get the blob's exact bytes."""
+    path = make_file(files, "tmp.bin", 5 * MIB + 7, seed=3)
+    digest = "sha256:" + sha256_file(path)
+    os.rename(path, os.path.join(files, digest))
+    port = swarm.start_origin(files, "--port", tls_endpoint(pki, "127.0.0.1"), "--registry-like")
+    swarm.start_supernode("--origin-ca", pki.ca_pem)
+    url = f"https://127.0.0.1:{port}/v2/team/app/blobs/{digest}"
+    for name in ("p1", "p2"):
+        peer, proxy = start_proxy(swarm, name, "--hijack", r"^127\.0\.0\.1:", "--upstream-ca", pki.ca_pem)
+        out = os.path.join(swarm.root, f"{name}.blob")
+        r = curl(proxy, "--cacert", os.path.join(peer.info["home"], "ca.pem"), "-f", "-o", out, url)
+        assert r.returncode == 0, r.stderr
+        assert "sha256:" + sha256_file(out) == digest
+        assert "route=p2p status=200" in log_of(peer)
+    stats = tls_origin_stats(swarm, pki)
+    assert stats["bytes"][digest] == 5 * MIB + 7
 
 
 # -- the supernode and dfget against an HTTPS origin -------------------------------------------

@@ -88,7 +88,7 @@ def test_leaf_for_ip_addresses_uses_ip_entries() -> None:
 
 
 def test_openssl_cli_accepts_leaf_for_its_host_only(tmp_path: object) -> None:
-    """The real openssl verifier, with purpose sslserver and hostname checking, accepts a leaf
+    """The real openssl verifier, strict X.509 checks, purpose sslserver and hostname checking, accepts a leaf
     for the host it was minted for and refuses it for another host."""
     root = str(tmp_path)
     cert_path = write_ca(root)
@@ -97,7 +97,7 @@ def test_openssl_cli_accepts_leaf_for_its_host_only(tmp_path: object) -> None:
     leaf_path = os.path.join(root, "leaf.pem")
     with open(leaf_path, "wb") as f:
         f.write(_pem(leaf.certificate))
-    base = ["openssl", "verify", "-CAfile", cert_path, "-purpose", "sslserver"]
+    base = ["openssl", "verify", "-x509_strict", "-CAfile", cert_path, "-purpose", "sslserver"]
     ok = subprocess.run([*base, "-verify_hostname", "registry.example", leaf_path], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     bad = subprocess.run([*base, "-verify_hostname", "other.example", leaf_path], capture_output=True, text=True)

@@ -41,6 +41,7 @@ class FakeRegistry(Resource):
         self.seen: list[tuple[str, str, dict[str, list[str]]]] = []
         self.token: str | None = None
         self.blob = BLOB
+        self.ranges = True  # honour Range on blobs
         self.hold = False  # GET bodies wait in self.pending
         self.pending: list[Request] = []
 
@@ -67,6 +68,13 @@ class FakeRegistry(Resource):
             if self.hold:
                 self.pending.append(request)
                 return NOT_DONE_YET
+            wanted = request.getHeader(b"range")
+            if wanted and self.ranges and wanted.startswith(b"bytes=") and wanted.endswith(b"-"):
+                first = int(wanted[6:-1])
+                request.setResponseCode(206)
+                request.setHeader(b"content-range", f"bytes {first}-{len(self.blob) - 1}/{len(self.blob)}".encode())
+                request.setHeader(b"content-length", str(len(self.blob) - first).encode())
+                return self.blob[first:]
             return self.blob
         if path.startswith("/v2/lib/app/manifests/"):
             request.setResponseCode(404)
@@ -260,8 +268,10 @@ def test_wrong_registry_bytes_abort_the_client_on_fallback(env: Env) -> None:
     assert env.registry.gets() == [BLOB_PATH]
 
 
-def test_swarm_failure_mid_stream_aborts(env: Env) -> None:
-    """After headers went out, a failed download cuts the client's connection."""
+def test_swarm_failure_mid_stream_aborts_without_registry(env: Env) -> None:
+    """After headers went out, a failed download that the registry cannot continue (it
+    is unreachable now) cuts the client's connection."""
+    env.registry.ranges = False
     got = env.get(BLOB_PATH)
     env.node.info(TID, len(BLOB), P)
     env.node.piece(TID, 0, BLOB)
@@ -373,3 +383,56 @@ def test_hijacked_request_goes_to_the_tunnel_origin(tmp_path: Any) -> None:
     e.pump()
     assert got[0].code == 200 and e.body(got[0]) == [BLOB]
     e.node.store.close()
+
+
+def test_swarm_failure_mid_stream_continues_from_the_registry(env: Env) -> None:
+    """After headers went out, a failed download is continued from the registry with a
+    Range from the first byte the client lacks; the client gets the whole, verified blob."""
+    got = env.get(BLOB_PATH)
+    env.node.info(TID, len(BLOB), P)
+    for n in range(30):
+        env.node.piece(TID, n, BLOB)
+    env.pump()
+    (r,) = got
+    body = env.body(r)
+    env.node.fail(TID, TaskFailed("gone"))
+    env.pump()
+    assert body == [BLOB]
+    ranges = [h.get("range") for m, p, h in env.registry.seen if m == "GET"]
+    assert len(ranges) == 1 and ranges[0] is not None and ranges[0][0].startswith("bytes=")
+    start = int(ranges[0][0][6:-1])
+    assert 0 < start < len(BLOB)
+
+
+def test_stalled_swarm_continues_from_the_registry(env: Env) -> None:
+    """A swarm that stops making progress while the client reads is abandoned after
+    fallback_after seconds and the rest comes from the registry."""
+    got = env.get(BLOB_PATH)
+    env.node.info(TID, len(BLOB), P)
+    env.node.piece(TID, 0, BLOB)
+    env.node.piece(TID, 1, BLOB)
+    env.pump()
+    (r,) = got
+    body = env.body(r)
+    assert body == []
+    env.clock.advance(5)
+    env.pump()
+    env.clock.advance(5)
+    env.pump()
+    assert body == [BLOB]
+    assert env.node.store.get(TID).leases == 0  # type: ignore[union-attr]
+
+
+def test_continuation_checks_the_digest(env: Env) -> None:
+    """Continued bytes that make the blob hash wrong abort the connection."""
+    env.registry.blob = BLOB[:-1] + b"?"
+    got = env.get(BLOB_PATH)
+    env.node.info(TID, len(BLOB), P)
+    for n in range(30):
+        env.node.piece(TID, n, BLOB)
+    env.pump()
+    (r,) = got
+    body = env.body(r)
+    env.node.fail(TID, TaskFailed("gone"))
+    env.pump()
+    assert len(body) == 1 and isinstance(body[0], Failure)

@@ -112,6 +112,8 @@ class BlobStream:
         self._leased = False
         self._burst: Any = None
         self._data_waiters: list[Deferred[None]] = []
+        self._before_held: Any = None  # the hash of every byte before the held chunk
+        self._resume: tuple[int, Any] | None = None
         download.addCallbacks(self._download_done, self._download_failed)
         dl.watchers.append(self._changed)
         self._changed()
@@ -235,6 +237,8 @@ class BlobStream:
                 return
             start = self.position
             self.position += want
+            if self.offset <= start < self.end:
+                self._before_held = self._hash.copy()
             self._hash.update(data)
             if self.offset <= start < self.end:
                 self._emit(data)
@@ -276,9 +280,22 @@ class BlobStream:
         self._close()
         self.finished.callback(written)
 
+    def abandon(self, error: BaseException) -> None:
+        """Give up on the swarm (it stalled): C{finished} fails with C{error}."""
+        self._fail(error)
+
+    def resume_point(self) -> tuple[int, Any] | None:
+        """After a failure: (file offset the consumer has every byte up to, sha256 of those
+        bytes) for continuing elsewhere; None for a partial range (or before any failure)."""
+        return self._resume
+
     def _fail(self, error: BaseException) -> None:
         if self._done:
             return
+        if self.offset == 0 and self.end == self.length:
+            # The consumer has every byte before the held chunk (or everything read).
+            state = self._before_held if self._held is not None else self._hash
+            self._resume = (self.written, state.copy())
         self._held = None
         self._close()
         if not self.ready.called:

@@ -16,9 +16,14 @@ Flow for a blob (C{/v2/<name>/blobs/sha256:<hex>}):
    C{fallback_after} seconds (supernode down, scheduling stalled), or fails
    before the response began, the C{GET} goes straight to the registry instead
    (redirects followed, sha256 checked) - a pull never fails because of dfly.
-   A failure after the response began aborts the client's connection (the
-   stream withholds its last chunk, so the client never takes a wrong or short
-   body for a whole one); clients retry.
+   If the swarm fails or stalls (no progress for C{fallback_after} seconds
+   while the client is reading) after the response began, the rest of the blob
+   is fetched from the registry with a C{Range} request from the first byte the
+   client lacks, still hashed with what it already has; a wrong digest (from the
+   swarm or the registry), or a registry that cannot continue, aborts the
+   client's connection instead - the last chunk is always withheld until the
+   digest matched, so a client never takes a wrong or short body for a whole
+   one.
 4. The response: C{200} (or C{206} with C{Content-Range} for a single
    satisfiable C{Range}; C{416} for an unsatisfiable one), C{Content-Length},
    C{Docker-Content-Digest}, the registry's content type (else
@@ -42,9 +47,10 @@ from twisted.web.client import Response
 from twisted.web.iweb import IAgent
 from twisted.web.server import Request
 
+from dfly.errors import IntegrityError, TaskFailed
 from dfly.peer.node import DownloadRequest
 from dfly.peer.stream import BlobStream
-from dfly.proxy.direct import abort_client, forward, send_error, upstream_headers
+from dfly.proxy.direct import Relay, abort_client, forward, send_error, upstream_headers
 from dfly.proxy.routes import RangeNotSatisfiable, parse_range
 
 # Request headers handed to the supernode's fetch from the origin (and part of the identity
@@ -110,6 +116,8 @@ class SwarmGet:
         self._pending: Deferred[Any] | None = None
         self._stream: BlobStream | None = None
         self._timer: Any = None
+        self._watch: Any = None
+        self._progress = -1
         request.notifyFinish().addErrback(self._client_gone)
 
     # -- driving ---------------------------------------------------------------
@@ -123,6 +131,7 @@ class SwarmGet:
     def _client_gone(self, _: Any) -> None:
         self.gone = True
         self._cancel_timer()
+        self._stop_watch()
         if self._pending is not None and not self._pending.called:
             self._pending.cancel()
         if self._stream is not None:
@@ -254,17 +263,42 @@ class SwarmGet:
         self.outcome.status = request.code
         request.write(b"")  # the headers go out now; the body follows as pieces arrive
         stream.start(request)
+        if self._stream is stream:
+            self._watch = self.reactor.callLater(self.fallback_after, self._check_progress)
+
+    # -- a stalled swarm -----------------------------------------------------------
+    def _check_progress(self) -> None:
+        self._watch = None
+        stream = self._stream
+        if stream is None or self.gone:
+            return
+        if stream.position == self._progress and not stream._paused:
+            stream.abandon(TaskFailed(f"the swarm made no progress for {self.fallback_after:g} s"))
+            return
+        self._progress = stream.position
+        self._watch = self.reactor.callLater(self.fallback_after, self._check_progress)
+
+    def _stop_watch(self) -> None:
+        if self._watch is not None and self._watch.active():
+            self._watch.cancel()
+        self._watch = None
 
     def _streamed(self, written: int) -> None:
         self._stream = None
+        self._stop_watch()
         if not self.gone:
             self.request.finish()
         self._end("p2p", detail=f"{written} bytes from the swarm")
 
     def _stream_failed(self, f: Failure) -> None:
-        self._stream = None
+        stream, self._stream = self._stream, None
+        self._stop_watch()
         if self.gone or f.check(CancelledError):
             return  # the client went away, or the fallback took over
+        point = stream.resume_point() if stream is not None else None
+        if self.request.startedWriting and point is not None and not f.check(IntegrityError):
+            self._continue(point[0], point[1], f.getErrorMessage())
+            return
         if self.request.startedWriting:
             self._log.warn(
                 "swarm failed mid-response for {url}: {error}; aborting the client's connection",
@@ -275,6 +309,45 @@ class SwarmGet:
         else:
             self._cancel_timer()
             self._direct("fallback", f"swarm: {f.getErrorMessage()}")
+
+    def _continue(self, position: int, hasher: Any, why: str) -> None:
+        """Fetch the rest of the blob from the registry, from byte C{position} on."""
+        self._log.info(
+            "swarm failed at byte {position} of {url} ({why}); continuing from the registry",
+            position=position, url=self.url, why=why,
+        )
+        self.outcome.route = "fallback"
+        headers = upstream_headers(self.request, drop=frozenset({b"range", b"if-range"}))
+        headers.setRawHeaders(b"range", [f"bytes={position}-".encode()])
+        d = self._pending = self.redirect_agent.request(b"GET", self.url.encode("utf-8"), headers, None)
+        timer = self.reactor.callLater(self.upstream_timeout, d.cancel)
+        request = self.request
+
+        def answered(response: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            ranges = response.headers.getRawHeaders(b"content-range") or [b""]
+            wanted = f"bytes {position}-".encode()
+            if self.gone or response.code != 206 or not ranges[-1].startswith(wanted):
+                response.deliverBody(_Ignore())
+                if not self.gone:
+                    abort_client(request)
+                self._end("fallback", detail=f"{why}; the registry cannot continue at {position} ({response.code})")
+                return None
+            relay = Relay(request, self.digest, hasher)
+            request.notifyFinish().addErrback(lambda _: relay.client_gone())
+            response.deliverBody(relay)
+            relay.done.addCallback(lambda outcome: self._end("fallback", detail=f"{why}; continued at {position}: {outcome}"))
+            return None
+
+        def failed(f: Failure) -> None:
+            if timer.active():
+                timer.cancel()
+            if not self.gone:
+                abort_client(request)
+            self._end("fallback", detail=f"{why}; cannot continue: {f.getErrorMessage()}")
+
+        d.addCallbacks(answered, failed)
 
     # -- 3. straight to the registry ------------------------------------------
     def _direct(self, route: str, why: str) -> None:

@@ -25,10 +25,13 @@ protocol, which from then on receives the connection's bytes and its end.  Bytes
 client sent after the CONNECT header block (a pipelined TLS ClientHello) are those the
 parser passes to C{rawDataReceived} once it is in raw mode; they are kept and given to
 the new protocol first, and whatever the parser's loop still drains from its buffer after
-the switch (a hijack switches at once, inside that loop) is passed on the same way.  While the target is being dialled the client's transport is
-paused, so that buffer holds at most one read.  For a hijack the new protocol is a
+the switch (a hijack switches at once, inside that loop) is passed on the same way.
+While the target is being dialled the client's transport is paused, so that buffer holds
+at most one read.  For a hijack the new protocol is a
 C{TLSMemoryBIOProtocol} (server side) wrapping a new channel built by the site: a plain,
 fully fresh C{HTTPChannel} state machine that knows nothing of the CONNECT before it.
+The same hand-over works on any transport with a C{protocol} attribute (TCP, iosim),
+which is what the in-memory tests drive.
 
 Flow control in a tunnel: each transport is registered as the streaming producer of the
 other (C{client.registerProducer(upstream, True)} and the reverse), so when one side's

@@ -115,10 +115,11 @@ class Relay(Protocol):
 
     _log = Logger()
 
-    def __init__(self, request: Request, verify_sha256: str | None = None) -> None:
+    def __init__(self, request: Request, verify_sha256: str | None = None, hasher: Any = None) -> None:
         self.request = request
         self.verify_sha256 = verify_sha256
-        self.hash = hashlib.sha256() if verify_sha256 else None
+        # C{hasher} carries on a hash of bytes the client already has (a continued body).
+        self.hash = (hasher or hashlib.sha256()) if verify_sha256 else None
         self.held: bytes | None = None
         self.done: Deferred[str] = Deferred()  # fires with "ok", "aborted" or "gone"
         self.gone = False
