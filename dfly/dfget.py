@@ -238,12 +238,90 @@ def copy_out(src: str, dst: str, length: int) -> None:
             raise IntegrityError(f"{src} is shorter than the {length} bytes the daemon verified")
 
 
+class EarlyCopy:
+    """Copies the verified start of the daemon's file into the output while the rest downloads.
+
+    The daemon reports (path, ready, epoch): the first C{ready} bytes of the file at C{path}
+    are held pieces, md5-checked and never written again within that epoch.  They are
+    copied in the kernel in steps of C{step} bytes, so that when the download is done only
+    the tail is left to copy.  A new epoch or a different file starts the copy over; any
+    error turns early copying off (the whole file is then copied at the end, as before).
+    Nothing copied here counts until the daemon reports the whole file verified.
+    """
+
+    def __init__(self, dst: str, step: int = 64 << 20) -> None:
+        self.dst = dst
+        self.step = step
+        self.copied = 0
+        self.broken = False
+        self._src: int | None = None
+        self._dst: int | None = None
+        self._path: str | None = None
+        self._epoch: object = None
+
+    def _same(self, path: str, epoch: object) -> bool:
+        if self._src is None or path != self._path or epoch != self._epoch:
+            return False
+        st, fst = os.stat(path), os.fstat(self._src)
+        return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
+
+    def _reopen(self, path: str, epoch: object) -> None:
+        self.close()
+        self._src = os.open(path, os.O_RDONLY)
+        self._dst = os.open(self.dst, os.O_WRONLY)
+        os.ftruncate(self._dst, 0)
+        self._path, self._epoch, self.copied = path, epoch, 0
+
+    def _copy_to(self, end: int) -> None:
+        assert self._src is not None and self._dst is not None
+        while self.copied < end:
+            n = os.copy_file_range(self._src, self._dst, min(end - self.copied, 1 << 30), self.copied, self.copied)
+            if n <= 0:
+                raise OSError(f"{self._path} ended at {self.copied} bytes")
+            self.copied += n
+
+    def advance(self, path: str, ready: int, epoch: object) -> None:
+        """The daemon says the first C{ready} bytes of C{path} are final in C{epoch}."""
+        if self.broken:
+            return
+        try:
+            if not self._same(path, epoch):
+                self._reopen(path, epoch)
+            if ready - self.copied >= self.step:
+                self._copy_to(ready)
+        except OSError:
+            self.broken = True
+            self.close()
+
+    def finish(self, path: str, length: int, epoch: object) -> bool:
+        """Copy the rest of a verified file; False if the whole file must be copied instead."""
+        if self.broken or self._src is None:
+            return False
+        try:
+            if not self._same(path, epoch):
+                return False
+            self._copy_to(length)
+            assert self._dst is not None
+            return os.fstat(self._dst).st_size == length
+        except OSError:
+            return False
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for fd in (self._src, self._dst):
+            if fd is not None:
+                os.close(fd)
+        self._src = self._dst = None
+
+
 class _ApiClient:
     """Client side of the peer daemon's local API."""
 
-    def __init__(self, wire: Any, reporter: Reporter) -> None:
+    def __init__(self, wire: Any, reporter: Reporter, early: EarlyCopy | None = None) -> None:
         self.wire = wire
         self.reporter = reporter
+        self.early = early
         self.result: Deferred[dict[str, Any]] = Deferred()
 
     def connection_made(self) -> None:
@@ -253,6 +331,9 @@ class _ApiClient:
         op = msg["op"]
         if op == "progress":
             self.reporter.progress(int(msg.get("received") or 0), msg.get("total"))
+            path, ready = msg.get("path"), msg.get("ready")
+            if self.early is not None and isinstance(path, str) and isinstance(ready, int):
+                self.early.advance(path, ready, msg.get("epoch"))
         elif op in ("done", "failed") and not self.result.called:
             self.result.callback(msg)
 
@@ -292,8 +373,10 @@ async def via_daemon(reactor: Any, opts: Options, out: Output, reporter: Reporte
         raise NoSupernode(f"no peer daemon listening at {sock}")
     holder: list[_ApiClient] = []
 
+    early = EarlyCopy(out.tmp)
+
     def make(wire: Any) -> _ApiClient:
-        holder.append(_ApiClient(wire, reporter))
+        holder.append(_ApiClient(wire, reporter, early))
         return holder[0]
 
     try:
@@ -315,10 +398,12 @@ async def via_daemon(reactor: Any, opts: Options, out: Output, reporter: Reporte
         msg = await client.result
         if msg["op"] == "failed":
             _raise_kind(msg)
-        copy_out(str(msg["path"]), out.tmp, int(msg["length"]))
+        if not early.finish(str(msg["path"]), int(msg["length"]), msg.get("epoch")):
+            copy_out(str(msg["path"]), out.tmp, int(msg["length"]))
         out.commit()
-        return {k: v for k, v in msg.items() if k not in ("op", "path")}
+        return {k: v for k, v in msg.items() if k not in ("op", "path", "epoch")}
     finally:
+        early.close()
         wire.close()
 
 

@@ -33,6 +33,8 @@ from dfly.ratelimit import TokenBucket
 from dfly.wire.messages import get_int, get_opt_str, get_task_id
 from dfly.wire.protocol import FramedFactory, FramedProtocol
 
+READ_SIZE = 512 * 1024
+
 
 class PieceRequest:
     """One piece to fetch from one source."""
@@ -244,7 +246,10 @@ class SourcePool:
             return holder["s"]
 
         endpoint = HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
-        d = endpoint.connect(FramedFactory(make_session, download=self.download))
+        # Without a download limit, read up to READ_SIZE at a time (with one, a read must stay
+        # small next to the bucket's depth).
+        read_size = READ_SIZE if self.download is None else None
+        d = endpoint.connect(FramedFactory(make_session, download=self.download, read_size=read_size))
         self._attempts[key] = d
 
         def connected(_: Any) -> None:

@@ -122,6 +122,7 @@ class Download:
         self.link_timer: Any = None
         self.md5 = hashlib.md5()
         self.hashed = 0  # pieces [0, hashed) are in self.md5
+        self.held_run = 0  # pieces [0, held_run) are held (verified), so never written again
         self.hashing = False
         self.generation: str | None = None
         self.epoch = 0  # bumped when the content version changes; late callbacks check it
@@ -256,6 +257,16 @@ class PeerNode:
             store.leases = max(0, store.leases - 1)
             store.last_access = self.clock()
 
+    def verified_prefix(self, task_id: str) -> tuple[str, int, int] | None:
+        """(data path, bytes, epoch) of the run of held pieces from the start of C{task_id}'s
+        file.  Those bytes passed their md5 check and are never written again while the
+        epoch stays the same, so a client may copy them before the whole file is verified."""
+        dl = self.downloads.get(task_id)
+        store = dl.store if dl is not None else None
+        if dl is None or store is None or dl.length is None:
+            return None
+        return store.data_path, min(dl.length, store.data_offset(dl.held_run)), dl.epoch
+
     # -- supernode link ------------------------------------------------------
     def _link_up(self) -> None:
         if self._orphaned is not None and self._orphaned.active():
@@ -370,6 +381,7 @@ class PeerNode:
         dl.piece_size = dl.length = dl.piece_count = None
         dl.file_md5 = dl.generation = None
         dl.md5, dl.hashed, dl.hashing = hashlib.md5(), 0, False
+        dl.held_run = 0
         dl.from_cdn = dl.from_peers = 0
         if dl.state == "verifying":
             dl.state = "registered"
@@ -463,6 +475,8 @@ class PeerNode:
             self.link.send({"op": "fail", "reason": error[:1000], **report})
             return
         req.task.mark(req.piece, req.data_len)
+        while dl.held_run in req.task.have:
+            dl.held_run += 1
         if source_id == "cdn":
             dl.from_cdn += req.data_len
         else:

@@ -7,7 +7,10 @@ written, its md5 (taken as the bytes pass, with the header of a full piece
 fed first) is recorded and C{on_piece} fires, so peers can fetch it while the
 rest of the file is still on its way.  Only the last piece can be short; its
 header is known at end of body, so its md5 is taken by reading that one slice
-back.  The md5 of the raw file is kept as the data passes, in order.
+back.  The md5 of the raw file is taken off the reactor thread: as each piece
+is finished its data is read back (from the page cache) and hashed by a worker
+thread, one piece after the other in file order; the task is finished only once
+the last piece is in that md5.
 
 A body shorter or longer than Content-Length, a reset, a stall longer than
 C{idle_timeout}, a full disk or an HTTP status other than 200 fails the task:
@@ -137,9 +140,11 @@ class Cdn:
         piece_size: int | None = None,
         idle_timeout: float = 60.0,
         origin_bucket: TokenBucket | None = None,
+        hasher: Callable[[int, int, int, Any], Deferred[None]] | None = None,
     ) -> None:
         self._reactor = reactor
         self.origin_bucket = origin_bucket
+        self.hash_range = hasher or self._default_hasher
         self._http = http
         self._home = home
         self._on_headers = on_headers
@@ -148,6 +153,15 @@ class Cdn:
         self._on_fail = on_fail
         self._piece_size = piece_size
         self._idle_timeout = idle_timeout
+
+    def _default_hasher(self, fd: int, offset: int, length: int, md5: Any) -> Deferred[None]:
+        """In a worker thread when the reactor has threads (md5 releases the GIL), else at once."""
+        pool = getattr(self._reactor, "getThreadPool", None)
+        if pool is None:
+            return maybeDeferred(hash_fd_range, fd, offset, length, md5)
+        from twisted.internet.threads import deferToThreadPool
+
+        return deferToThreadPool(self._reactor, pool(), hash_fd_range, fd, offset, length, md5)  # type: ignore[arg-type]
 
     def cache_path(self, task_id: str) -> str:
         return os.path.join(self._home, "cdn", task_id[:3], task_id)
@@ -468,6 +482,17 @@ def _describe(reason: Failure) -> str:
     return f"{type(value).__name__}: {text}" if text != type(value).__name__ else text
 
 
+def hash_fd_range(fd: int, offset: int, length: int, md5: Any) -> None:
+    """Feed C{length} bytes of C{fd} from C{offset} into C{md5}."""
+    while length > 0:
+        chunk = os.pread(fd, min(length, 1 << 20), offset)
+        if not chunk:
+            raise StorageError("the cache file is shorter than what was written")
+        md5.update(chunk)
+        offset += len(chunk)
+        length -= len(chunk)
+
+
 class _Discard(Protocol):
     def dataReceived(self, data: bytes) -> None:
         pass
@@ -492,6 +517,11 @@ class Slicer(Protocol):
         self._full_header = SliceHeader(self._cap, self._p).encode()
         self._piece_md5 = hashlib.md5(self._full_header)
         self._file_md5 = resume.md5 if resume else hashlib.md5()
+        # Pieces are hashed into _file_md5 one after the other, from our own descriptor (the
+        # task's may be closed by a discard while a hash is still running).
+        self._hash_fd = os.dup(self._fd)
+        self._hashed: Deferred[None] = Deferred()
+        self._hashed.callback(None)
         self._reactor = reactor
         self._idle_timeout = idle_timeout
         self._timer: IDelayedCall | None = reactor.callLater(idle_timeout, self._stalled)
@@ -536,7 +566,6 @@ class Slicer(Protocol):
         if task.length is not None and self._offset > task.length:
             self._abort(OriginError(f"origin sent more than its Content-Length {task.length}"))
             return
-        self._file_md5.update(data)
         view = memoryview(data)
         pos = 0
         try:
@@ -559,6 +588,8 @@ class Slicer(Protocol):
         md5.update(TAIL)
         self._task.piece_md5[n] = md5.hexdigest()
         self._task.piece_len[n] = self._fill
+        offset, length, file_md5 = base + 4, self._fill, self._file_md5
+        self._hashed.addCallback(lambda _: self._cdn.hash_range(self._hash_fd, offset, length, file_md5))
         self._piece += 1
         self._fill = 0
         self._piece_md5 = hashlib.md5(self._full_header)
@@ -594,8 +625,34 @@ class Slicer(Protocol):
                 os.ftruncate(self._fd, last * self._p + task.piece_len[last] + OVERHEAD)
             except OSError as e:
                 raise StorageError(f"cannot write the cache: {e.strerror or e}") from None
-            self._cdn.finished(task, self._file_md5.hexdigest())
+        except Exception:
+            failure = Failure()
+            self._after_hashing().addBoth(lambda _: self.finished.errback(failure))
+            return
+        self._after_hashing().addCallbacks(self._hashed_all, self._hash_failed)
+
+    def _after_hashing(self) -> Deferred[None]:
+        """Fires once every queued piece is in the file md5; our descriptor is then closed."""
+        d: Deferred[None] = Deferred()
+
+        def close(result: Any) -> None:
+            os.close(self._hash_fd)
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(None)
+
+        self._hashed.addBoth(close)
+        return d
+
+    def _hashed_all(self, _: Any) -> None:
+        try:
+            self._cdn.finished(self._task, self._file_md5.hexdigest())
         except Exception:
             self.finished.errback()
         else:
             self.finished.callback(None)
+
+    def _hash_failed(self, f: Failure) -> None:
+        error = f.value if isinstance(f.value, StorageError) else StorageError(f"cannot hash the cache: {f.getErrorMessage()}")
+        self.finished.errback(Failure(error))

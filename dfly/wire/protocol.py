@@ -183,9 +183,11 @@ class FramedProtocol(Protocol):
         clock: Any = None,
         upload: TokenBucket | None = None,
         download: TokenBucket | None = None,
+        read_size: int | None = None,
     ) -> None:
         self._make_session = make_session
         self._max_control = max_control
+        self._read_size = read_size
         self._idle_timeout = idle_timeout
         self._clock = clock
         self._upload = upload
@@ -202,6 +204,9 @@ class FramedProtocol(Protocol):
     def connectionMade(self) -> None:
         if self._idle_timeout is not None and self._clock is not None:
             self._idle = self._clock.callLater(self._idle_timeout, self._idled)
+        if self._read_size is not None and hasattr(self.transport, "bufferSize"):
+            # Fewer, larger socket reads: less per-call work on bulk downloads.
+            self.transport.bufferSize = self._read_size  # type: ignore[union-attr]
         session = self._make_session(self)
         self.session = session
         self.parser = FrameParser(session, self._max_control)
@@ -346,17 +351,19 @@ class FramedFactory(Factory):
         clock: Any = None,
         upload: TokenBucket | None = None,
         download: TokenBucket | None = None,
+        read_size: int | None = None,
     ) -> None:
         self._make_session = make_session
         self._idle_timeout = idle_timeout
         self._clock = clock
         self.upload = upload
         self.download = download
+        self.read_size = read_size
 
     def buildProtocol(self, addr: Any) -> FramedProtocol:
         proto = FramedProtocol(
             self._make_session, idle_timeout=self._idle_timeout, clock=self._clock,
-            upload=self.upload, download=self.download,
+            upload=self.upload, download=self.download, read_size=self.read_size,
         )
         proto.factory = self
         return proto
