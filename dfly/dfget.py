@@ -29,7 +29,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from dfly import __version__
-from dfly.config import data_home, parse_hostport, positive
+from dfly.config import data_home, parse_hostport, parse_size, positive
 from dfly.errors import (
     DflyError,
     DownloadTimeout,
@@ -39,6 +39,7 @@ from dfly.errors import (
     ProtocolError,
     StorageError,
 )
+from dfly.ratelimit import InboundThrottle, make_bucket
 from dfly.urls import check_url, origin_headers, parse_header_lines
 
 BACK_SOURCE_IDLE = 60.0
@@ -93,6 +94,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-e", "--timeout", help="give up after this many seconds")
     p.add_argument("--ca-file", metavar="PEM",
                    help="CAs to verify an HTTPS origin with when downloading from it directly (default: the system store)")
+    p.add_argument("--upload-rate", default="0", metavar="RATE",
+                   help="with an in-process peer: most bytes/s it sends to other peers (K/M/G; 0: no limit)")
+    p.add_argument("--download-rate", default="0", metavar="RATE",
+                   help="with an in-process peer (and from the origin): most bytes/s received (K/M/G; 0: no limit)")
     p.add_argument("--no-back-source", action="store_true", help="never download straight from the origin")
     p.add_argument("--json", action="store_true", help="print a JSON summary line on stdout when done")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -143,6 +148,12 @@ class Options(dict[str, Any]):
                 raise usage.UsageError(f"--ca-file: {e}") from None
         else:
             self["ca-file"] = None
+        self["upload-rate"] = parse_size(self["upload-rate"], "upload-rate")
+        self["download-rate"] = parse_size(self["download-rate"], "download-rate")
+        if self["home"] and (self["upload-rate"] or self["download-rate"]):
+            raise usage.UsageError(
+                "--upload-rate/--download-rate apply to an in-process peer; a daemon has its own (--home)"
+            )
         if not self["output"]:
             from urllib.parse import unquote, urlsplit
 
@@ -239,12 +250,90 @@ def copy_out(src: str, dst: str, length: int) -> None:
             raise IntegrityError(f"{src} is shorter than the {length} bytes the daemon verified")
 
 
+class EarlyCopy:
+    """Copies the verified start of the daemon's file into the output while the rest downloads.
+
+    The daemon reports (path, ready, epoch): the first C{ready} bytes of the file at C{path}
+    are held pieces, md5-checked and never written again within that epoch.  They are
+    copied in the kernel in steps of C{step} bytes, so that when the download is done only
+    the tail is left to copy.  A new epoch or a different file starts the copy over; any
+    error turns early copying off (the whole file is then copied at the end, as before).
+    Nothing copied here counts until the daemon reports the whole file verified.
+    """
+
+    def __init__(self, dst: str, step: int = 64 << 20) -> None:
+        self.dst = dst
+        self.step = step
+        self.copied = 0
+        self.broken = False
+        self._src: int | None = None
+        self._dst: int | None = None
+        self._path: str | None = None
+        self._epoch: object = None
+
+    def _same(self, path: str, epoch: object) -> bool:
+        if self._src is None or path != self._path or epoch != self._epoch:
+            return False
+        st, fst = os.stat(path), os.fstat(self._src)
+        return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
+
+    def _reopen(self, path: str, epoch: object) -> None:
+        self.close()
+        self._src = os.open(path, os.O_RDONLY)
+        self._dst = os.open(self.dst, os.O_WRONLY)
+        os.ftruncate(self._dst, 0)
+        self._path, self._epoch, self.copied = path, epoch, 0
+
+    def _copy_to(self, end: int) -> None:
+        assert self._src is not None and self._dst is not None
+        while self.copied < end:
+            n = os.copy_file_range(self._src, self._dst, min(end - self.copied, 1 << 30), self.copied, self.copied)
+            if n <= 0:
+                raise OSError(f"{self._path} ended at {self.copied} bytes")
+            self.copied += n
+
+    def advance(self, path: str, ready: int, epoch: object) -> None:
+        """The daemon says the first C{ready} bytes of C{path} are final in C{epoch}."""
+        if self.broken:
+            return
+        try:
+            if not self._same(path, epoch):
+                self._reopen(path, epoch)
+            if ready - self.copied >= self.step:
+                self._copy_to(ready)
+        except OSError:
+            self.broken = True
+            self.close()
+
+    def finish(self, path: str, length: int, epoch: object) -> bool:
+        """Copy the rest of a verified file; False if the whole file must be copied instead."""
+        if self.broken or self._src is None:
+            return False
+        try:
+            if not self._same(path, epoch):
+                return False
+            self._copy_to(length)
+            assert self._dst is not None
+            return os.fstat(self._dst).st_size == length
+        except OSError:
+            return False
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for fd in (self._src, self._dst):
+            if fd is not None:
+                os.close(fd)
+        self._src = self._dst = None
+
+
 class _ApiClient:
     """Client side of the peer daemon's local API."""
 
-    def __init__(self, wire: Any, reporter: Reporter) -> None:
+    def __init__(self, wire: Any, reporter: Reporter, early: EarlyCopy | None = None) -> None:
         self.wire = wire
         self.reporter = reporter
+        self.early = early
         self.result: Deferred[dict[str, Any]] = Deferred()
 
     def connection_made(self) -> None:
@@ -254,6 +343,9 @@ class _ApiClient:
         op = msg["op"]
         if op == "progress":
             self.reporter.progress(int(msg.get("received") or 0), msg.get("total"))
+            path, ready = msg.get("path"), msg.get("ready")
+            if self.early is not None and isinstance(path, str) and isinstance(ready, int):
+                self.early.advance(path, ready, msg.get("epoch"))
         elif op in ("done", "failed") and not self.result.called:
             self.result.callback(msg)
 
@@ -293,8 +385,10 @@ async def via_daemon(reactor: Any, opts: Options, out: Output, reporter: Reporte
         raise NoSupernode(f"no peer daemon listening at {sock}")
     holder: list[_ApiClient] = []
 
+    early = EarlyCopy(out.tmp)
+
     def make(wire: Any) -> _ApiClient:
-        holder.append(_ApiClient(wire, reporter))
+        holder.append(_ApiClient(wire, reporter, early))
         return holder[0]
 
     try:
@@ -316,10 +410,12 @@ async def via_daemon(reactor: Any, opts: Options, out: Output, reporter: Reporte
         msg = await client.result
         if msg["op"] == "failed":
             _raise_kind(msg)
-        copy_out(str(msg["path"]), out.tmp, int(msg["length"]))
+        if not early.finish(str(msg["path"]), int(msg["length"]), msg.get("epoch")):
+            copy_out(str(msg["path"]), out.tmp, int(msg["length"]))
         out.commit()
-        return {k: v for k, v in msg.items() if k not in ("op", "path")}
+        return {k: v for k, v in msg.items() if k not in ("op", "path", "epoch")}
     finally:
+        early.close()
         wire.close()
 
 
@@ -331,9 +427,12 @@ async def in_process(reactor: Any, opts: Options, out: Output, reporter: Reporte
     home = tempfile.mkdtemp(prefix=".dfly-peer-", dir=os.path.dirname(out.path))
     # Also on Ctrl-C or SIGTERM, when the finally below never runs.
     trigger = reactor.addSystemEventTrigger("before", "shutdown", shutil.rmtree, home, True)
-    node = PeerNode(reactor, home, opts["supernode"] or [("127.0.0.1", 8002)], link_timeout=5.0)
+    node = PeerNode(
+        reactor, home, opts["supernode"] or [("127.0.0.1", 8002)], link_timeout=5.0,
+        upload_rate=opts["upload-rate"], download_rate=opts["download-rate"],
+    )
     port = await serverFromString(reactor, "tcp:0").listen(
-        FramedFactory(lambda wire: SliceServerSession(wire, node.lookup))
+        FramedFactory(lambda wire: SliceServerSession(wire, node.lookup), upload=node.upload_bucket)
     )
     try:
         node.start(port.getHost().port)
@@ -355,14 +454,34 @@ async def in_process(reactor: Any, opts: Options, out: Output, reporter: Reporte
 class _FileSink(Protocol):
     """Writes an origin body to a file, hashing it; fails on a stall or a broken body."""
 
-    def __init__(self, f: Any, total: int | None, reporter: Reporter, reactor: Any, idle: float) -> None:
+    def __init__(
+        self, f: Any, total: int | None, reporter: Reporter, reactor: Any, idle: float, rate: int = 0
+    ) -> None:
         self.f, self.total, self.reporter = f, total, reporter
         self.md5 = hashlib.md5()
         self.received = 0
         self.done: Deferred[None] = Deferred()
         self.idle = idle
+        self.clock = reactor
         self.timer = reactor.callLater(idle, self._stalled)
         self.error: Exception | None = None
+        self.bucket = make_bucket(reactor, rate)
+        self.throttle: InboundThrottle | None = None
+
+    def connectionMade(self) -> None:
+        if self.bucket is not None:
+            self.throttle = InboundThrottle(self.bucket, self.transport, self._paused, self._resumed)
+
+    def _paused(self) -> None:
+        # Our own --download-rate is no stall of the origin's.
+        if self.timer.active():
+            self.timer.cancel()
+
+    def _resumed(self) -> None:
+        if self.timer.active():
+            self.timer.reset(self.idle)
+        else:
+            self.timer = self.clock.callLater(self.idle, self._stalled)
 
     def _stalled(self) -> None:
         self.error = OriginError(f"origin sent nothing for {self.idle:g} s")
@@ -382,8 +501,12 @@ class _FileSink(Protocol):
         self.md5.update(data)
         self.received += len(data)
         self.reporter.progress(self.received, self.total)
+        if self.throttle is not None:
+            self.throttle.received(len(data))
 
     def connectionLost(self, reason: Failure = _BODY_DONE) -> None:
+        if self.throttle is not None:
+            self.throttle.close()
         if self.timer.active():
             self.timer.cancel()
         if self.error is not None:
@@ -411,7 +534,7 @@ async def back_source(reactor: Any, opts: Options, out: Output, reporter: Report
         response.deliverBody(_Discard())
         raise OriginError(f"origin answered {response.code} {response.phrase.decode('latin-1')}", response.code)
     with open(out.tmp, "wb") as f:
-        sink = _FileSink(f, total, reporter, reactor, BACK_SOURCE_IDLE)
+        sink = _FileSink(f, total, reporter, reactor, BACK_SOURCE_IDLE, opts["download-rate"])
         response.deliverBody(sink)
         await sink.done
     md5 = sink.md5.hexdigest()
@@ -503,7 +626,7 @@ def main(argv: list[str] | None = None) -> None:
     if opts["version"]:
         print(f"dfget {__version__}")
         raise SystemExit(0)
-    if not opts["home"] and not opts["supernode"]:
+    if not opts["home"] and not opts["supernode"] and not (opts["upload-rate"] or opts["download-rate"]):
         default_home = data_home("peer")
         if os.path.exists(os.path.join(default_home, "dfly.sock")):
             opts["home"] = default_home

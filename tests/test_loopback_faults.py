@@ -106,9 +106,12 @@ def test_supernode_killed_and_restarted_mid_download(swarm: Swarm, files: str) -
     url = swarm.origin_url("f.bin")
     outs = [os.path.join(swarm.root, f"{n}.out") for n in names]
     procs = start_all(swarm, [(url, o, n) for o, n in zip(outs, names, strict=True)])
-    # Kill once the fetch is well under way (not after a fixed delay: clients may start slowly).
+    # Kill once a few pieces are cached and more are coming (however slowly the clients start).
     deadline = time.monotonic() + 30
-    while swarm.origin_stats()["bytes"].get("f.bin", 0) < 4 * MIB and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        tasks = swarm.api()["tasks"]
+        if tasks and 3 * MIB <= tasks[0]["source_bytes"] < 16 * MIB:
+            break
         time.sleep(0.05)
     first = [p for p in swarm.procs if p.name == "supernode"][0]
     first.stop(signal.SIGKILL)

@@ -26,13 +26,14 @@ from memhelpers import (
     md5,
     pieces_of,
 )
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from dfly.errors import BadControlMessage, PieceUnavailable
+from dfly.errors import BadControlMessage, PieceUnavailable, StorageError
 from dfly.pieces import MIB, OVERHEAD, TAIL, SliceHeader, wrap
 from dfly.supernode.scheduler import CDN, Scheduler
 from dfly.supernode.service import PROTOCOL_VERSION, Supernode, SupernodeSession
@@ -575,3 +576,60 @@ def test_resumed_digest_task_checks_sha256_of_the_whole_file(tmp_path: Any, tail
         (failed,) = wb.ops("task_failed")
         assert failed["kind"] == "IntegrityError" and tid not in second.tasks
     _close_tasks(second)
+
+
+def test_file_md5_is_taken_piece_by_piece_off_the_reactor_and_gates_done(env: Env) -> None:
+    """The file md5 is fed one finished piece at a time, in file order, by the (here
+    hand-driven) hasher; the task is done, with the right md5, only once the last piece
+    is in it, and the hasher's descriptor is closed afterwards."""
+    calls: list[tuple[int, int, int, Any, Deferred[None]]] = []
+
+    def hasher(fd: int, offset: int, length: int, md5: Any) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        calls.append((fd, offset, length, md5, d))
+        return d
+
+    env.node.cdn.hash_range = hasher
+    s1, w1 = connect(env.node, "p1")
+    register(s1)
+    env.http.respond(0, FakeResponse(200, chunked(CONTENT, 100_000)))
+    tid = task_id_for(URL)
+    task = env.node.tasks[tid]
+    # Only the first piece's hash has been started: the others wait for it, in order.
+    assert [(c[1], c[2]) for c in calls] == [(4, P - OVERHEAD)]
+    assert task.state == "running" and all(m["md5"] is None for m in w1.ops("task_info"))
+    fd = calls[0][0]
+    for i in range(3):
+        _, offset, length, md5, d = calls[i]
+        assert offset == i * P + 4
+        os_md5_feed(fd, offset, length, md5)
+        d.callback(None)
+    assert [c[2] for c in calls] == [P - OVERHEAD, P - OVERHEAD, 12345]
+    assert task.state == "done"
+    assert task.file_md5 == hashlib.md5(CONTENT).hexdigest()
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_file_md5_read_error_fails_the_task(env: Env) -> None:
+    """If the cache cannot be read back for the file md5, the task fails with a storage error."""
+
+    def hasher(fd: int, offset: int, length: int, md5: Any) -> Deferred[None]:
+        return fail(StorageError("read error"))
+
+    env.node.cdn.hash_range = hasher
+    s1, w1 = connect(env.node, "p1")
+    register(s1)
+    env.http.respond(0, FakeResponse(200, [CONTENT]))
+    assert tid_state(env) is None  # failed and forgotten
+    (failed,) = w1.ops("task_failed")
+    assert (failed["kind"], failed["reason"]) == ("StorageError", "read error")
+
+
+def os_md5_feed(fd: int, offset: int, length: int, md5: Any) -> None:
+    md5.update(os.pread(fd, length, offset))
+
+
+def tid_state(env: Env) -> str | None:
+    task = env.node.tasks.get(task_id_for(URL))
+    return task.state if task is not None else None

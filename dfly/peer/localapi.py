@@ -3,7 +3,10 @@
 It listens on a UNIX socket in the daemon's home (C{HOME/dfly.sock}), speaks
 control frames only, and answers a C{download} with C{progress} frames and
 then one C{done} or C{failed}.  While the connection stays open the finished
-task is leased: it is not expired, so dfget can copy it out safely.
+task is leased: it is not expired, so dfget can copy it out safely.  Progress
+frames also name the data file and how many bytes from its start are held
+pieces (verified, never written again within the same C{epoch}), so dfget can
+copy those while the rest is still downloading.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class LocalApiSession:
         self.pending: Any = None
         self.leased: str | None = None
         self._last_progress = 0.0
+        self.task_id: str | None = None
 
     def connection_made(self) -> None:
         pass
@@ -47,6 +51,10 @@ class LocalApiSession:
             md5=md5,
             identifier=get_opt_str(msg, "identifier", 512),
         )
+        try:
+            self.task_id = request.task_id
+        except (DflyError, UnicodeError, ValueError):
+            self.task_id = None  # download() below refuses the request with a clear error
         d = self.node.download(request, self._progress)
         self.pending = d
         d.addCallbacks(self._done, self._failed)
@@ -55,13 +63,22 @@ class LocalApiSession:
         now = self.node.clock()
         if now - self._last_progress >= 0.1 or (total is not None and received >= total):
             self._last_progress = now
-            self.wire.send_control({"op": "progress", "received": received, "total": total})
+            msg: dict[str, Any] = {"op": "progress", "received": received, "total": total}
+            prefix = self.node.verified_prefix(self.task_id) if self.task_id else None
+            if prefix is not None:
+                # What dfget may already copy out (see PeerNode.verified_prefix).
+                msg["path"], msg["ready"], msg["epoch"] = prefix
+            self.wire.send_control(msg)
 
     def _done(self, result: DownloadResult) -> None:
         self.pending = None
         self.node.lease(result.task_id)
         self.leased = result.task_id
-        self.wire.send_control({"op": "done", "path": result.path, **stats_line(result)})
+        msg: dict[str, Any] = {"op": "done", "path": result.path, **stats_line(result)}
+        prefix = self.node.verified_prefix(result.task_id)
+        if prefix is not None:
+            msg["epoch"] = prefix[2]
+        self.wire.send_control(msg)
 
     def _failed(self, f: Failure) -> None:
         self.pending = None

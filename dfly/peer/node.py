@@ -41,6 +41,7 @@ from dfly.peer.fetch import PieceRequest, SourcePool
 from dfly.peer.link import SupernodeLink
 from dfly.peer.store import PeerStore
 from dfly.pieces import check_piece_size
+from dfly.ratelimit import make_bucket
 from dfly.urls import (
     check_digest,
     check_url,
@@ -138,6 +139,7 @@ class Download:
         self.link_timer: Any = None
         self.md5 = hashlib.md5()
         self.hashed = 0  # pieces [0, hashed) are in self.md5
+        self.held_run = 0  # pieces [0, held_run) are held (verified), so never written again
         self.hashing = False
         self.generation: str | None = None
         self.error: Exception | None = None
@@ -194,6 +196,8 @@ class PeerNode:
         keepalive: float = 20.0,
         cache_limit: int = 0,
         min_rate: float = 256 * 1024,
+        upload_rate: float = 0,
+        download_rate: float = 0,
         hasher: Callable[[str, int, int, Any], Deferred[None]] | None = None,
     ) -> None:
         self.reactor = reactor
@@ -205,7 +209,12 @@ class PeerNode:
         self.cache_limit = cache_limit
         self.link_timeout = link_timeout
         self.store = PeerStore(home)
-        self.sources = SourcePool(reactor, stall_timeout=stall_timeout, min_rate=min_rate)
+        # One bucket per direction for the whole host: every connection and task shares it.
+        self.upload_bucket = make_bucket(reactor, upload_rate)
+        self.download_bucket = make_bucket(reactor, download_rate)
+        self.sources = SourcePool(
+            reactor, stall_timeout=stall_timeout, min_rate=min_rate, download=self.download_bucket
+        )
         self.link = SupernodeLink(
             reactor, supernodes, self._link_up, self._link_down, self._control, keepalive=keepalive
         )
@@ -296,6 +305,16 @@ class PeerNode:
         if store is not None:
             store.leases = max(0, store.leases - 1)
             store.last_access = self.clock()
+
+    def verified_prefix(self, task_id: str) -> tuple[str, int, int] | None:
+        """(data path, bytes, epoch) of the run of held pieces from the start of C{task_id}'s
+        file.  Those bytes passed their md5 check and are never written again while the
+        epoch stays the same, so a client may copy them before the whole file is verified."""
+        dl = self.downloads.get(task_id)
+        store = dl.store if dl is not None else None
+        if dl is None or store is None or dl.length is None:
+            return None
+        return store.data_path, min(dl.length, store.data_offset(dl.held_run)), dl.epoch
 
     # -- supernode link ------------------------------------------------------
     def _link_up(self) -> None:
@@ -413,6 +432,7 @@ class PeerNode:
         dl.piece_size = dl.length = dl.piece_count = None
         dl.file_md5 = dl.generation = None
         dl.md5, dl.hashed, dl.hashing = hashlib.md5(), 0, False
+        dl.held_run = 0
         dl.from_cdn = dl.from_peers = 0
         if dl.state == "verifying":
             dl.state = "registered"
@@ -508,6 +528,8 @@ class PeerNode:
             self.link.send({"op": "fail", "reason": error[:1000], **report})
             return
         req.task.mark(req.piece, req.data_len)
+        while dl.held_run in req.task.have:
+            dl.held_run += 1
         if source_id == "cdn":
             dl.from_cdn += req.data_len
         else:

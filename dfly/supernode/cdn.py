@@ -7,12 +7,19 @@ written, its md5 (taken as the bytes pass, with the header of a full piece
 fed first) is recorded and C{on_piece} fires, so peers can fetch it while the
 rest of the file is still on its way.  Only the last piece can be short; its
 header is known at end of body, so its md5 is taken by reading that one slice
-back.  The md5 of the raw file is kept as the data passes, in order.
+back.  The md5 of the raw file is taken off the reactor thread: as each piece
+is finished its data is read back (from the page cache) and hashed by a worker
+thread, one piece after the other in file order; the task is finished only once
+the last piece is in that md5.
 
 A body shorter or longer than Content-Length, a reset, a stall longer than
 C{idle_timeout}, a full disk or an HTTP status other than 200 fails the task:
 the cache file is removed and C{on_fail} fires, so nothing half-written is
 ever served.
+
+With an origin rate limit (one bucket for all fetches) the body transport is
+paused while the bucket is in debt; the stall timer stops meanwhile, since the
+wait is ours and not the origin's.
 
 Persistence: C{<id>.meta} is written when the headers arrive (unfinished) and
 again at the end (finished, with every piece md5).  After a restart finished
@@ -48,6 +55,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 
 from dfly.errors import IntegrityError, OriginError, StorageError
 from dfly.pieces import OVERHEAD, TAIL, SliceHeader, default_piece_size, pwrite_all
+from dfly.ratelimit import InboundThrottle, TokenBucket
 
 _RESPONSE_DONE = Failure(ResponseDone())
 
@@ -133,8 +141,12 @@ class Cdn:
         on_fail: Callable[[CdnTask], None],
         piece_size: int | None = None,
         idle_timeout: float = 60.0,
+        origin_bucket: TokenBucket | None = None,
+        hasher: Callable[[int, int, int, Any], Deferred[None]] | None = None,
     ) -> None:
         self._reactor = reactor
+        self.origin_bucket = origin_bucket
+        self.hash_range = hasher or self._default_hasher
         self._http = http
         self._home = home
         self._on_headers = on_headers
@@ -143,6 +155,15 @@ class Cdn:
         self._on_fail = on_fail
         self._piece_size = piece_size
         self._idle_timeout = idle_timeout
+
+    def _default_hasher(self, fd: int, offset: int, length: int, md5: Any) -> Deferred[None]:
+        """In a worker thread when the reactor has threads (md5 releases the GIL), else at once."""
+        pool = getattr(self._reactor, "getThreadPool", None)
+        if pool is None:
+            return maybeDeferred(hash_fd_range, fd, offset, length, md5)
+        from twisted.internet.threads import deferToThreadPool
+
+        return deferToThreadPool(self._reactor, pool(), hash_fd_range, fd, offset, length, md5)  # type: ignore[arg-type]
 
     def cache_path(self, task_id: str) -> str:
         return os.path.join(self._home, "cdn", task_id[:3], task_id)
@@ -469,6 +490,28 @@ def _describe(reason: Failure) -> str:
     return f"{type(value).__name__}: {text}" if text != type(value).__name__ else text
 
 
+def hash_fd_range(fd: int, offset: int, length: int, md5: Any) -> None:
+    """Feed C{length} bytes of C{fd} from C{offset} into C{md5}."""
+    while length > 0:
+        chunk = os.pread(fd, min(length, 1 << 20), offset)
+        if not chunk:
+            raise StorageError("the cache file is shorter than what was written")
+        md5.update(chunk)
+        offset += len(chunk)
+        length -= len(chunk)
+
+
+class _Fanout:
+    """Feeds every update to several hash objects (one read of the data for all of them)."""
+
+    def __init__(self, hashes: list[Any]) -> None:
+        self._hashes = hashes
+
+    def update(self, data: bytes) -> None:
+        for h in self._hashes:
+            h.update(data)
+
+
 class _Discard(Protocol):
     def dataReceived(self, data: bytes) -> None:
         pass
@@ -494,10 +537,32 @@ class Slicer(Protocol):
         self._piece_md5 = hashlib.md5(self._full_header)
         self._file_md5 = resume.md5 if resume else hashlib.md5()
         self._file_sha256 = resume.sha256 if resume else hashlib.sha256()
+        # Both file digests are fed by one reader; sha256 only for content named by its digest.
+        self._file_digests = _Fanout([self._file_md5, self._file_sha256] if task.expected_sha256 else [self._file_md5])
+        # Pieces are hashed into _file_md5 one after the other, from our own descriptor (the
+        # task's may be closed by a discard while a hash is still running).
+        self._hash_fd = os.dup(self._fd)
+        self._hashed: Deferred[None] = Deferred()
+        self._hashed.callback(None)
         self._reactor = reactor
         self._idle_timeout = idle_timeout
         self._timer: IDelayedCall | None = reactor.callLater(idle_timeout, self._stalled)
         self._error: Exception | None = None
+        self._throttle: InboundThrottle | None = None
+
+    def connectionMade(self) -> None:
+        bucket = self._cdn.origin_bucket
+        if bucket is not None:
+            self._throttle = InboundThrottle(bucket, self.transport, self._paused, self._resumed)
+
+    def _paused(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _resumed(self) -> None:
+        if self._error is None and self._timer is None:
+            self._timer = self._reactor.callLater(self._idle_timeout, self._stalled)
 
     def _stalled(self) -> None:
         self._timer = None
@@ -513,16 +578,16 @@ class Slicer(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._error is not None:
             return
-        if self._timer is not None:
+        if self._timer is not None and self._timer.active():
             self._timer.reset(self._idle_timeout)
+        if self._throttle is not None:
+            self._throttle.received(len(data))
         task = self._task
         task.source_bytes += len(data)
         self._offset += len(data)
         if task.length is not None and self._offset > task.length:
             self._abort(OriginError(f"origin sent more than its Content-Length {task.length}"))
             return
-        self._file_md5.update(data)
-        self._file_sha256.update(data)
         view = memoryview(data)
         pos = 0
         try:
@@ -545,12 +610,16 @@ class Slicer(Protocol):
         md5.update(TAIL)
         self._task.piece_md5[n] = md5.hexdigest()
         self._task.piece_len[n] = self._fill
+        offset, length, file_md5 = base + 4, self._fill, self._file_digests
+        self._hashed.addCallback(lambda _: self._cdn.hash_range(self._hash_fd, offset, length, file_md5))
         self._piece += 1
         self._fill = 0
         self._piece_md5 = hashlib.md5(self._full_header)
         self._cdn.piece_ready(self._task, n)
 
     def connectionLost(self, reason: Failure = _RESPONSE_DONE) -> None:
+        if self._throttle is not None:
+            self._throttle.close()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -578,8 +647,34 @@ class Slicer(Protocol):
                 os.ftruncate(self._fd, last * self._p + task.piece_len[last] + OVERHEAD)
             except OSError as e:
                 raise StorageError(f"cannot write the cache: {e.strerror or e}") from None
-            self._cdn.finished(task, self._file_md5.hexdigest(), self._file_sha256.hexdigest())
+        except Exception:
+            failure = Failure()
+            self._after_hashing().addBoth(lambda _: self.finished.errback(failure))
+            return
+        self._after_hashing().addCallbacks(self._hashed_all, self._hash_failed)
+
+    def _after_hashing(self) -> Deferred[None]:
+        """Fires once every queued piece is in the file md5; our descriptor is then closed."""
+        d: Deferred[None] = Deferred()
+
+        def close(result: Any) -> None:
+            os.close(self._hash_fd)
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(None)
+
+        self._hashed.addBoth(close)
+        return d
+
+    def _hashed_all(self, _: Any) -> None:
+        try:
+            self._cdn.finished(self._task, self._file_md5.hexdigest(), self._file_sha256.hexdigest())
         except Exception:
             self.finished.errback()
         else:
             self.finished.callback(None)
+
+    def _hash_failed(self, f: Failure) -> None:
+        error = f.value if isinstance(f.value, StorageError) else StorageError(f"cannot hash the cache: {f.getErrorMessage()}")
+        self.finished.errback(Failure(error))
