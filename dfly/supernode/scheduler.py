@@ -20,6 +20,25 @@ running per peer and task):
 * a peer whose own downloads fail C{isolation_limit} times in a row fetches
   from the CDN only (it is probably the faulty one); a source that fails
   C{blacklist_limit} times in a row is blacklisted for everyone.
+
+Incremental design (an event costs about the peers it touches, not the swarm):
+
+* per task and piece, the usable holders with a free upload slot, bucketed by
+  their running uploads (C{free}), so the least loaded source is the first
+  entry of the first non-empty bucket, and C{nfree} (pieces that have one);
+* C{good}: pieces held by at least one peer that is not blacklisted; an
+  available piece outside it may come from the CDN;
+* C{blocked}: members with a free download slot that nothing could fill, and
+  C{wanting}: for each piece, the blocked members that lack it.
+
+An event changes some state, then settles: members whose download slot freed
+are filled (member side: their rarest servable piece), and every piece that
+may have gained a usable source -- a new holder, a holder whose upload slot
+freed, a freed CDN slot -- is offered to the blocked members lacking it
+(source side), who are filled by the same member-side rule.  A member is
+blocked only when no piece it lacks has a usable source; any change that
+could end that touches one of the pieces offered, so after each event a full
+pass (L{Scheduler.schedule}) finds nothing more to assign.
 """
 
 from __future__ import annotations
@@ -50,6 +69,7 @@ class PeerState:
     service_errors: int = 0
     client_errors: int = 0
     blacklisted: bool = False
+    tasks: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -66,7 +86,7 @@ class Member:
 
 @dataclass
 class TaskState:
-    """Scheduling state of one task."""
+    """Scheduling state of one task (and its indexes, see the module docstring)."""
 
     task_id: str
     available: set[int] = field(default_factory=set)
@@ -76,6 +96,18 @@ class TaskState:
     cdn_inflight: set[int] = field(default_factory=set)
     members: dict[str, Member] = field(default_factory=dict)
     failed: bool = False
+    span: int = 0
+    free: dict[int, list[set[str]]] = field(default_factory=dict)
+    nfree: dict[int, int] = field(default_factory=dict)
+    good: dict[int, int] = field(default_factory=dict)
+    serving: dict[str, set[tuple[str, int]]] = field(default_factory=dict)
+    blocked: dict[str, None] = field(default_factory=dict)  # in the order they blocked
+    wanting: dict[int, dict[str, None]] = field(default_factory=dict)
+    # What changed since the task last settled.
+    to_fill: dict[str, None] = field(default_factory=dict)
+    dirty_pieces: set[int] = field(default_factory=set)
+    dirty_sources: set[str] = field(default_factory=set)
+    cdn_freed: bool = False
 
 
 class Scheduler:
@@ -96,6 +128,7 @@ class Scheduler:
         self.isolation_limit = isolation_limit
         self.tasks: dict[str, TaskState] = {}
         self.peers: dict[str, PeerState] = {}
+        self._pending: dict[str, None] = {}  # tasks with changes not settled yet
 
     # -- events ------------------------------------------------------------
     def add_task(self, task_id: str) -> TaskState:
@@ -111,26 +144,46 @@ class Scheduler:
         task = self.tasks.pop(task_id, None)
         if task is None:
             return
+        self._pending.pop(task_id, None)
         for member in task.members.values():
             for piece, source in member.running.items():
-                self._release(task, source, piece)
+                self._release(task, member.peer_id, source, piece)
+            peer = self.peers.get(member.peer_id)
+            if peer is not None:
+                peer.tasks.discard(task_id)
+        self._pending.pop(task_id, None)
 
     def cdn_piece_ready(self, task_id: str, piece: int) -> list[Assignment]:
         """The CDN has written and hashed C{piece}."""
         task = self.tasks[task_id]
-        task.available.add(piece)
-        return self.schedule(task_id)
+        if piece not in task.available:
+            task.available.add(piece)
+            if piece >= task.span:
+                task.span = piece + 1
+            wanting = {pid: None for pid in task.blocked if self._lacks(task.members[pid], piece)}
+            if wanting:
+                task.wanting[piece] = wanting
+            task.dirty_pieces.add(piece)
+            self._touch(task)
+        return self._settle()
 
     def cdn_finished(self, task_id: str, piece_count: int) -> list[Assignment]:
         """The CDN knows the piece count (the whole file is written)."""
-        self.tasks[task_id].piece_count = piece_count
-        return self.schedule(task_id)
+        task = self.tasks[task_id]
+        task.piece_count = piece_count
+        for pid in list(task.blocked):
+            if self.member_complete(task, task.members[pid]):
+                self._unblock(task, task.members[pid])
+        self._touch(task)
+        return self._settle()
 
     def cdn_withdrawn(self, task_id: str) -> None:
         """The CDN's copy is being repaired: offer no piece of the task until re-announced."""
         task = self.tasks.get(task_id)
         if task is not None:
             task.available.clear()
+            task.wanting.clear()
+            task.span = 0
 
     def busy(self, task_id: str) -> bool:
         """True while any member still downloads or the CDN serves a piece of the task."""
@@ -150,17 +203,23 @@ class Scheduler:
     def join(self, task_id: str, peer_id: str, has: Iterable[int] = (), seeding_only: bool = False) -> list[Assignment]:
         """A peer joins a task, possibly holding some pieces already."""
         task = self.tasks[task_id]
-        self.peers.setdefault(peer_id, PeerState(peer_id))
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            peer = self.peers[peer_id] = PeerState(peer_id)
+        peer.tasks.add(task_id)
         member = task.members.get(peer_id)
         if member is None:
             offset = int.from_bytes(hashlib.sha256(peer_id.encode()).digest()[:4], "big")
             member = task.members[peer_id] = Member(peer_id, offset)
         member.seeding_only = seeding_only
+        if seeding_only:
+            self._unblock(task, member)
         for piece in has:
-            if piece not in member.has:
-                member.has.add(piece)
-                task.holders.setdefault(piece, set()).add(peer_id)
-        return self.schedule(task_id)
+            if piece not in member.has and piece not in member.running:
+                self._gain(task, member, peer, piece)
+        task.to_fill[peer_id] = None
+        self._touch(task)
+        return self._settle()
 
     def leave(self, task_id: str, peer_id: str) -> list[Assignment]:
         """A peer stops taking part in one task (finished and expired, or cancelled)."""
@@ -168,17 +227,22 @@ class Scheduler:
         if task is None or peer_id not in task.members:
             return []
         self._drop_member(task, peer_id)
-        return self.schedule(task_id)
+        peer = self.peers.get(peer_id)
+        if peer is not None:
+            peer.tasks.discard(task_id)
+        return self._settle()
 
     def peer_gone(self, peer_id: str) -> list[Assignment]:
         """A peer's control connection is lost: drop it everywhere, re-offer its work."""
-        out: list[Assignment] = []
-        for task in list(self.tasks.values()):
-            if peer_id in task.members or any(peer_id in h for h in task.holders.values()):
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            return []
+        for task_id in list(peer.tasks):
+            task = self.tasks.get(task_id)
+            if task is not None:
                 self._drop_member(task, peer_id)
-                out.extend(self.schedule(task.task_id))
         self.peers.pop(peer_id, None)
-        return out
+        return self._settle()
 
     def piece_done(self, task_id: str, peer_id: str, piece: int, source: str) -> list[Assignment]:
         """A peer fetched and verified C{piece} from C{source}; it can now serve it."""
@@ -193,16 +257,18 @@ class Scheduler:
             return []  # nothing was assigned: a claim, not a result
         # Release the recorded assignment even if it was meanwhile moved to another source:
         # the piece is held now, so that slot must not stay taken.
-        self._release(task, running, piece)
-        member.has.add(piece)
-        task.holders.setdefault(piece, set()).add(peer_id)
+        self._release(task, peer_id, running, piece)
+        peer = self.peers[peer_id]
+        self._gain(task, member, peer, piece)
         if running == source:
             # Only a result for the assignment on record clears error counts: a peer cannot
             # whitewash a source (or itself) with made-up reports.
-            self.peers[peer_id].client_errors = 0
+            peer.client_errors = 0
             if source != CDN and source in self.peers:
                 self.peers[source].service_errors = 0
-        return self.schedule(task_id)
+        task.to_fill[peer_id] = None
+        self._touch(task)
+        return self._settle()
 
     def piece_failed(self, task_id: str, peer_id: str, piece: int, source: str) -> list[Assignment]:
         """A peer could not fetch C{piece} from C{source} (bad md5, refused, lost, stalled)."""
@@ -213,77 +279,182 @@ class Scheduler:
         if member is None or member.running.get(piece) != source:
             return []  # stale report for an assignment already withdrawn
         del member.running[piece]
-        self._release(task, source, piece)
+        self._release(task, peer_id, source, piece)
+        self._unrun(task, member, piece)
         self.peers[peer_id].client_errors += 1
         if source != CDN:
             member.avoid.add(source)
             src = self.peers.get(source)
             if src is not None:
                 src.service_errors += 1
-                if src.service_errors >= self.blacklist_limit:
-                    src.blacklisted = True
-        return self.schedule(task_id)
+                if src.service_errors >= self.blacklist_limit and not src.blacklisted:
+                    self._blacklist(src)
+        task.to_fill[peer_id] = None
+        self._touch(task)
+        return self._settle()
 
     # -- the decision ------------------------------------------------------
     def schedule(self, task_id: str) -> list[Assignment]:
-        """Fill every free download slot of every member of C{task_id} that can be filled now."""
+        """Fill every free download slot of every member of C{task_id} that can be filled now.
+
+        A full pass over the members; the events do the same work incrementally, so after
+        any event this finds nothing (the property tests check exactly that)."""
         task = self.tasks.get(task_id)
-        if task is None or task.failed or not task.available:
+        if task is None:
             return []
-        out: list[Assignment] = []
+        out = self._settle()
         for member in list(task.members.values()):
-            if member.seeding_only or len(member.running) >= self.down_limit:
-                continue
-            if task.piece_count is not None and self.member_complete(task, member):
-                continue
-            out.extend(self._fill(task, member))
+            self._fill(task, member, out)
         return out
 
-    def _fill(self, task: TaskState, member: Member) -> list[Assignment]:
-        candidates = [p for p in task.available if p not in member.has and p not in member.running]
-        if not candidates:
-            return []
-        span = max(task.available) + 1
-        off = member.offset % span
-        holders, inflight = task.holders, task.inflight
-        candidates.sort(key=lambda p: (len(holders.get(p, ())) + inflight.get(p, 0), (p - off) % span))
-        isolated = self.peers[member.peer_id].client_errors >= self.isolation_limit
+    def _settle(self) -> list[Assignment]:
+        """Act on everything that changed in the tasks touched since the last settle."""
         out: list[Assignment] = []
-        for piece in candidates:
-            if len(member.running) >= self.down_limit:
-                break
-            source = self._pick_source(task, member, piece, isolated)
-            if source is None:
-                continue
-            member.running[piece] = source
-            inflight[piece] = inflight.get(piece, 0) + 1
-            if source == CDN:
-                task.cdn_inflight.add(piece)
-            else:
-                self.peers[source].uploads += 1
-            out.append(Assignment(task.task_id, member.peer_id, piece, source))
+        while self._pending:
+            task_id = next(iter(self._pending))
+            del self._pending[task_id]
+            task = self.tasks.get(task_id)
+            if task is not None:
+                self._settle_task(task, out)
         return out
+
+    def _settle_task(self, task: TaskState, out: list[Assignment]) -> None:
+        members = task.members
+        if task.failed or not task.available:
+            # Nothing to offer now; whoever has a free slot waits for the pieces to return.
+            for pid in task.to_fill:
+                member = members.get(pid)
+                if member is not None and not member.seeding_only and len(member.running) < self.down_limit:
+                    task.blocked[pid] = None
+            task.to_fill.clear()
+            task.dirty_pieces.clear()
+            task.dirty_sources.clear()
+            task.cdn_freed = False
+            return
+        # Member side: peers whose download slot freed take their rarest servable piece.
+        while task.to_fill:
+            pid = next(iter(task.to_fill))
+            del task.to_fill[pid]
+            member = members.get(pid)
+            if member is not None:
+                self._fill(task, member, out)
+        # Source side: pieces that may have gained a usable source go to blocked members.
+        wanting = task.wanting
+        offer = task.dirty_pieces & wanting.keys()
+        task.dirty_pieces.clear()
+        for sid in task.dirty_sources:
+            src = members.get(sid)
+            peer = self.peers.get(sid)
+            if src is not None and peer is not None and not peer.blacklisted and peer.uploads < self.up_limit:
+                offer |= src.has & wanting.keys()
+        task.dirty_sources.clear()
+        if task.cdn_freed:
+            task.cdn_freed = False
+            if len(task.cdn_inflight) < self.cdn_limit:
+                offer |= (wanting.keys() - task.good.keys()) - task.cdn_inflight
+                # Peers that avoid some holders or are isolated may take more from the CDN
+                # than the common rule shows: give them a full look.
+                for pid in [p for p in task.blocked if members[p].avoid or self._isolated(p)]:
+                    self._fill(task, members[pid], out)
+        if not offer:
+            return
+        holders, inflight = task.holders, task.inflight
+        for piece in sorted(offer, key=lambda p: (len(holders.get(p, ())) + inflight.get(p, 0), p)):
+            tried: set[str] = set()
+            while self._has_capacity(task, piece):
+                want = wanting.get(piece)
+                taker = next((p for p in want if p not in tried), None) if want else None
+                if taker is None:
+                    break
+                tried.add(taker)
+                self._fill(task, members[taker], out)
+
+    def _has_capacity(self, task: TaskState, piece: int) -> bool:
+        if task.nfree.get(piece):
+            return True
+        return (
+            piece not in task.good
+            and piece not in task.cdn_inflight
+            and len(task.cdn_inflight) < self.cdn_limit
+        )
+
+    def _fill(self, task: TaskState, member: Member, out: list[Assignment]) -> None:
+        """Give C{member} its rarest servable pieces until its download slots are full."""
+        free = self.down_limit - len(member.running)
+        if member.seeding_only or free <= 0 or task.failed:
+            self._unblock(task, member)
+            return
+        lacking = task.available - member.has
+        if member.running:
+            lacking.difference_update(member.running)
+        if not lacking:
+            if task.piece_count is not None and self.member_complete(task, member):
+                self._unblock(task, member)
+            else:
+                self._block(task, member)
+            return
+        isolated = self._isolated(member.peer_id)
+        picky = isolated or bool(member.avoid)
+        if picky:
+            cands = lacking  # the slow, exact path: each piece is checked holder by holder
+        else:
+            cands = lacking & task.nfree.keys()
+            if len(task.cdn_inflight) < self.cdn_limit:
+                cands |= (lacking - task.good.keys()) - task.cdn_inflight
+        if cands:
+            span = task.span
+            off = member.offset % span
+            holders, inflight = task.holders, task.inflight
+
+            def rarity(p: int) -> int:
+                return (len(holders.get(p, ())) + inflight.get(p, 0)) * span + (p - off) % span
+
+            if free == 1 and not picky:
+                best = min(cands, key=rarity)
+                source = self._pick_source(task, member, best, isolated)
+                if source is not None:
+                    self._assign(task, member, best, source, out)
+                    self._unblock(task, member)
+                    return
+            for piece in sorted(cands, key=rarity):
+                source = self._pick_source(task, member, piece, isolated)
+                if source is None:
+                    continue
+                self._assign(task, member, piece, source, out)
+                free -= 1
+                if free <= 0:
+                    break
+        if len(member.running) < self.down_limit:
+            self._block(task, member)
+        else:
+            self._unblock(task, member)
 
     def _pick_source(self, task: TaskState, member: Member, piece: int, isolated: bool) -> str | None:
-        usable_holders = False
+        avoid = member.avoid
         if not isolated:
-            best: PeerState | None = None
-            for pid in task.holders.get(piece, ()):
-                if pid == member.peer_id or pid in member.avoid:
-                    continue
-                peer = self.peers.get(pid)
-                if peer is None or peer.blacklisted:
-                    continue
-                usable_holders = True
-                if peer.uploads < self.up_limit and (best is None or peer.uploads < best.uploads):
-                    best = peer
-            if best is not None:
-                return best.peer_id
-        if usable_holders or piece in task.cdn_inflight:
-            return None
-        if self.cdn_load(task) >= self.cdn_limit:
+            buckets = task.free.get(piece)
+            if buckets is not None:
+                for bucket in buckets:
+                    if not avoid:
+                        for pid in bucket:
+                            return pid
+                    else:
+                        for pid in bucket:
+                            if pid not in avoid:
+                                return pid
+            if piece in task.good:
+                if not avoid:
+                    return None  # usable holders, all busy: wait for one of them
+                peers = self.peers
+                for pid in task.holders.get(piece, ()):
+                    if pid not in avoid and not peers[pid].blacklisted:
+                        return None
+        if piece in task.cdn_inflight or len(task.cdn_inflight) >= self.cdn_limit:
             return None
         return CDN
+
+    def _isolated(self, peer_id: str) -> bool:
+        return self.peers[peer_id].client_errors >= self.isolation_limit
 
     @staticmethod
     def member_complete(task: TaskState, member: Member) -> bool:
@@ -301,7 +472,86 @@ class Scheduler:
         return len(task.cdn_inflight)
 
     # -- bookkeeping -------------------------------------------------------
-    def _release(self, task: TaskState, source: str, piece: int) -> None:
+    def _touch(self, task: TaskState) -> None:
+        self._pending[task.task_id] = None
+
+    @staticmethod
+    def _lacks(member: Member, piece: int) -> bool:
+        return piece not in member.has and piece not in member.running
+
+    def _block(self, task: TaskState, member: Member) -> None:
+        pid = member.peer_id
+        if pid in task.blocked:
+            return
+        task.blocked[pid] = None
+        lacking = task.available - member.has
+        lacking.difference_update(member.running)
+        wanting = task.wanting
+        for piece in lacking:
+            want = wanting.get(piece)
+            if want is None:
+                wanting[piece] = {pid: None}
+            else:
+                want[pid] = None
+
+    def _unblock(self, task: TaskState, member: Member) -> None:
+        pid = member.peer_id
+        if pid not in task.blocked:
+            return
+        del task.blocked[pid]
+        wanting = task.wanting
+        for piece in task.available - member.has:
+            want = wanting.get(piece)
+            if want is not None:
+                want.pop(pid, None)
+                if not want:
+                    del wanting[piece]
+
+    def _unrun(self, task: TaskState, member: Member, piece: int) -> None:
+        """C{piece} stopped running at C{member} without being held: it is wanted again."""
+        if member.peer_id in task.blocked and piece in task.available:
+            task.wanting.setdefault(piece, {})[member.peer_id] = None
+
+    def _gain(self, task: TaskState, member: Member, peer: PeerState, piece: int) -> None:
+        """C{member} holds C{piece} now and may serve it."""
+        member.has.add(piece)
+        pid = member.peer_id
+        want = task.wanting.get(piece)
+        if want is not None and pid in want:
+            del want[pid]
+            if not want:
+                del task.wanting[piece]
+        task.holders.setdefault(piece, set()).add(pid)
+        if peer.blacklisted:
+            return
+        task.good[piece] = task.good.get(piece, 0) + 1
+        if peer.uploads < self.up_limit:
+            buckets = task.free.get(piece)
+            if buckets is None:
+                buckets = task.free[piece] = [set() for _ in range(self.up_limit)]
+            buckets[peer.uploads].add(pid)
+            task.nfree[piece] = task.nfree.get(piece, 0) + 1
+            task.dirty_pieces.add(piece)
+
+    def _assign(self, task: TaskState, member: Member, piece: int, source: str, out: list[Assignment]) -> None:
+        pid = member.peer_id
+        member.running[piece] = source
+        task.inflight[piece] = task.inflight.get(piece, 0) + 1
+        if pid in task.blocked:
+            want = task.wanting.get(piece)
+            if want is not None:
+                want.pop(pid, None)
+                if not want:
+                    del task.wanting[piece]
+        if source == CDN:
+            task.cdn_inflight.add(piece)
+        else:
+            task.serving.setdefault(source, set()).add((pid, piece))
+            peer = self.peers[source]
+            self._set_uploads(peer, peer.uploads + 1)
+        out.append(Assignment(task.task_id, pid, piece, source))
+
+    def _release(self, task: TaskState, peer_id: str, source: str, piece: int) -> None:
         left = task.inflight.get(piece, 0) - 1
         if left > 0:
             task.inflight[piece] = left
@@ -309,19 +559,109 @@ class Scheduler:
             task.inflight.pop(piece, None)
         if source == CDN:
             task.cdn_inflight.discard(piece)
-        elif source in self.peers:
-            self.peers[source].uploads = max(0, self.peers[source].uploads - 1)
+            task.cdn_freed = True
+        else:
+            serving = task.serving.get(source)
+            if serving is not None:
+                serving.discard((peer_id, piece))
+                if not serving:
+                    del task.serving[source]
+            peer = self.peers.get(source)
+            if peer is not None:
+                self._set_uploads(peer, max(0, peer.uploads - 1))
+
+    def _set_uploads(self, peer: PeerState, uploads: int) -> None:
+        """Change a peer's upload count and move it between the load buckets of every
+        piece it holds."""
+        old = peer.uploads
+        peer.uploads = uploads
+        if peer.blacklisted or old == uploads:
+            return
+        limit = self.up_limit
+        if old >= limit and uploads >= limit:
+            return
+        pid = peer.peer_id
+        for task_id in peer.tasks:
+            task = self.tasks.get(task_id)
+            member = task.members.get(pid) if task is not None else None
+            if task is None or member is None or not member.has:
+                continue
+            free, nfree = task.free, task.nfree
+            if old < limit and uploads < limit:
+                for piece in member.has:
+                    buckets = free[piece]
+                    buckets[old].discard(pid)
+                    buckets[uploads].add(pid)
+            elif old < limit:  # now full
+                for piece in member.has:
+                    free[piece][old].discard(pid)
+                    n = nfree[piece] - 1
+                    if n:
+                        nfree[piece] = n
+                    else:
+                        del nfree[piece]
+            else:  # a slot freed
+                for piece in member.has:
+                    slots = free.get(piece)
+                    if slots is None:
+                        slots = free[piece] = [set() for _ in range(limit)]
+                    slots[uploads].add(pid)
+                    nfree[piece] = nfree.get(piece, 0) + 1
+            if uploads < old:
+                task.dirty_sources.add(pid)
+                self._touch(task)
+
+    def _blacklist(self, peer: PeerState) -> None:
+        """Nobody fetches from C{peer} any more."""
+        pid = peer.peer_id
+        for task_id in peer.tasks:
+            task = self.tasks.get(task_id)
+            member = task.members.get(pid) if task is not None else None
+            if task is None or member is None:
+                continue
+            self._unlist(task, member, peer)
+            self._touch(task)
+        peer.blacklisted = True
+
+    def _unlist(self, task: TaskState, member: Member, peer: PeerState) -> None:
+        """Take C{member}'s pieces out of the source indexes (blacklisted or gone)."""
+        if peer.blacklisted:
+            return
+        pid = member.peer_id
+        for piece in member.has:
+            n = task.good[piece] - 1
+            if n:
+                task.good[piece] = n
+            else:
+                del task.good[piece]
+                task.dirty_pieces.add(piece)  # may come from the CDN now
+                task.cdn_freed = True
+            if peer.uploads < self.up_limit:
+                task.free[piece][peer.uploads].discard(pid)
+                n = task.nfree[piece] - 1
+                if n:
+                    task.nfree[piece] = n
+                else:
+                    del task.nfree[piece]
 
     def _drop_member(self, task: TaskState, peer_id: str) -> None:
-        member = task.members.pop(peer_id, None)
+        self._touch(task)
+        member = task.members.get(peer_id)
         if member is not None:
+            self._unblock(task, member)
+            peer = self.peers.get(peer_id)
+            if peer is not None:
+                self._unlist(task, member, peer)
+            del task.members[peer_id]
+            task.to_fill.pop(peer_id, None)
             for piece, source in member.running.items():
-                self._release(task, source, piece)
+                self._release(task, peer_id, source, piece)
             for piece in member.has:
                 task.holders.get(piece, set()).discard(peer_id)
         # Withdraw uploads the gone peer was serving; their downloaders get new sources.
-        for other in task.members.values():
-            for piece, source in list(other.running.items()):
-                if source == peer_id:
-                    del other.running[piece]
-                    self._release(task, source, piece)
+        for other_id, piece in list(task.serving.get(peer_id, ())):
+            other = task.members[other_id]
+            del other.running[piece]
+            self._release(task, other_id, peer_id, piece)
+            self._unrun(task, other, piece)
+            task.to_fill[other_id] = None

@@ -1,0 +1,369 @@
+"""A discrete-event swarm simulator that drives the real scheduler.
+
+    python -m dfly.devtools.sim --peers 10000 --size 1G [--json] [--quick]
+
+The scheduler is L{dfly.supernode.scheduler.Scheduler} itself, fed the same
+events the supernode feeds it (C{join}, C{cdn_piece_ready}, C{cdn_finished},
+C{piece_done}); only the network and the clock are simulated.
+
+Model:
+
+* the clock is a heap of events; nothing sleeps;
+* the origin feeds the CDN at C{origin_rate}: piece k is ready when the first
+  k+1 slices have arrived, and C{cdn_piece_ready} is called then;
+* every peer has C{peer_rate} bytes/s up and down; the CDN uploads at
+  C{origin_rate} (its own link, apart from the origin feed);
+* an assignment starts moving bytes C{latency} seconds after it is made (the
+  request's round trip); the slots it takes are held from the assignment on;
+* transfers are fluid flows.  A flow's rate is min(source upload / flows the
+  source sends, receiver download / flows the receiver gets): each link is
+  divided equally among its active flows, and capacity a flow cannot use at its
+  other end is not handed to the others.  That approximation never
+  overestimates a link, so it errs towards a longer makespan.  When a flow
+  starts or ends, only the flows sharing its source's or receiver's link are
+  re-rated, and a flow's finish event is re-queued only if its rate changed
+  (stale events are skipped by version);
+* a peer that has every piece stays and serves (no one leaves).
+
+Results: makespan, p50/p99 completion (seconds from t=0), makespan / T* with
+T* = max(S/B_origin, S/B_peer, N*S/(B_origin + N*B_peer)), origin egress / S,
+CDN-served bytes / (N*S), scheduler calls, and the process CPU time spent
+inside scheduler calls, also per simulated second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from dfly.pieces import Layout, check_piece_size, default_piece_size
+from dfly.supernode.scheduler import CDN, Assignment, Scheduler
+
+TASK = "sim"
+_CDN_NODE = -1
+# Event kinds, in the order they are handled when simultaneous.
+_READY, _FINISH, _START, _JOIN = 0, 1, 2, 3
+
+
+@dataclass
+class SimResult:
+    """What one simulated distribution measured."""
+
+    peers: int
+    size: int
+    piece_size: int
+    pieces: int
+    peer_rate: float
+    origin_rate: float
+    latency: float
+    join_window: float
+    makespan: float
+    p50: float
+    p99: float
+    t_star: float
+    makespan_over_t_star: float
+    origin_egress_over_size: float
+    cdn_served_over_total: float
+    scheduler_calls: int
+    assignments: int
+    scheduler_cpu: float
+    scheduler_cpu_per_sim_second: float
+    wall_seconds: float
+    completed: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+class _Flow:
+    __slots__ = ("src", "dst", "piece", "source_id", "size", "left", "rate", "last", "version", "active")
+
+    def __init__(self, src: int, dst: int, piece: int, source_id: str, size: int) -> None:
+        self.src = src
+        self.dst = dst
+        self.piece = piece
+        self.source_id = source_id
+        self.size = size
+        self.left = float(size)
+        self.rate = 0.0
+        self.last = 0.0
+        self.version = 0
+        self.active = False
+
+
+def t_star(peers: int, size: int, peer_rate: float, origin_rate: float) -> float:
+    """The lower bound on the makespan: origin, one peer's link, or the swarm's total upload."""
+    return max(size / origin_rate, size / peer_rate, peers * size / (origin_rate + peers * peer_rate))
+
+
+def run_simulation(
+    peers: int = 1000,
+    size: int = 1 << 30,
+    piece_size: int | None = None,
+    peer_rate: float = 125e6,
+    origin_rate: float = 125e6,
+    latency: float = 0.001,
+    join_window: float = 0.0,
+    seed: int = 0,
+    scheduler: Scheduler | None = None,
+    max_events: int | None = None,
+) -> SimResult:
+    """Simulate C{peers} peers fetching a file of C{size} bytes through C{scheduler}
+    (a default L{Scheduler} unless given; its limits are the supernode's defaults)."""
+    wall0 = time.perf_counter()
+    if peers < 1 or size < 0 or peer_rate <= 0 or origin_rate <= 0 or latency < 0 or join_window < 0:
+        raise ValueError("peers >= 1, size >= 0, rates > 0, latency and join window >= 0")
+    piece_size = check_piece_size(piece_size) if piece_size else default_piece_size(size)
+    layout = Layout(size, piece_size)
+    count = layout.count
+    slice_len = [layout.slice_len(n) for n in range(count)]
+    sched = scheduler or Scheduler()
+    sched.add_task(TASK)
+    rng = random.Random(seed)
+    ids = [f"peer{i:05d}" for i in range(peers)]
+    index = {pid: i for i, pid in enumerate(ids)}
+    up_cap = [peer_rate] * peers
+    up: list[list[_Flow]] = [[] for _ in range(peers)]
+    down: list[list[_Flow]] = [[] for _ in range(peers)]
+    cdn_up: list[_Flow] = []
+    held = [0] * peers
+    done_at: list[float | None] = [None] * peers
+    heap: list[tuple[float, int, int, Any, int]] = []
+    seq = 0
+    now = 0.0
+    cpu = 0.0
+    calls = 0
+    assignments = 0
+    cdn_bytes = 0
+    origin_bytes = 0
+    clock = time.process_time
+
+    def push(at: float, kind: int, data: Any, version: int = 0) -> None:
+        nonlocal seq
+        seq += 1
+        heapq.heappush(heap, (at, kind, seq, data, version))
+
+    def assigned(out: list[Assignment]) -> None:
+        nonlocal assignments
+        assignments += len(out)
+        for a in out:
+            src = _CDN_NODE if a.source == CDN else index[a.source]
+            push(now + latency, _START, _Flow(src, index[a.peer], a.piece, a.source, slice_len[a.piece]))
+
+    def rerate(flows: list[_Flow]) -> None:
+        for f in flows:
+            src = f.src
+            if src == _CDN_NODE:
+                share = origin_rate / len(cdn_up)
+            else:
+                share = up_cap[src] / len(up[src])
+            d = peer_rate / len(down[f.dst])
+            r = share if share < d else d
+            if r != f.rate:
+                if f.rate:
+                    f.left -= f.rate * (now - f.last)
+                    if f.left < 0.0:
+                        f.left = 0.0
+                f.last = now
+                f.rate = r
+                f.version += 1
+                push(now + f.left / r, _FINISH, f, f.version)
+
+    # The origin feeds the CDN piece by piece.
+    arrived = 0
+    for n in range(count):
+        arrived += slice_len[n]
+        push(arrived / origin_rate, _READY, n)
+    for i in range(peers):
+        push(rng.uniform(0.0, join_window) if join_window else 0.0, _JOIN, i)
+
+    events = 0
+    finished = 0
+    while heap and finished < peers:
+        now, kind, _, data, version = heapq.heappop(heap)
+        events += 1
+        if max_events is not None and events > max_events:
+            break
+        if kind == _FINISH:
+            f = data
+            if version != f.version:
+                continue  # re-rated since
+            f.active = False
+            dst = f.dst
+            dflows = down[dst]
+            dflows.remove(f)
+            if f.src == _CDN_NODE:
+                cdn_up.remove(f)
+                cdn_bytes += f.size
+                rerate(cdn_up)
+            else:
+                sflows = up[f.src]
+                sflows.remove(f)
+                rerate(sflows)
+            rerate(dflows)
+            held[dst] += 1
+            if held[dst] == count:
+                done_at[dst] = now
+                finished += 1
+            t0 = clock()
+            out = sched.piece_done(TASK, ids[dst], f.piece, f.source_id)
+            cpu += clock() - t0
+            calls += 1
+            assigned(out)
+        elif kind == _START:
+            f = data
+            f.active = True
+            f.last = now
+            down[f.dst].append(f)
+            if f.src == _CDN_NODE:
+                cdn_up.append(f)
+                rerate(cdn_up)
+            else:
+                sflows = up[f.src]
+                sflows.append(f)
+                rerate(sflows)
+            rerate(down[f.dst])
+        elif kind == _READY:
+            origin_bytes += slice_len[data]
+            t0 = clock()
+            out = sched.cdn_piece_ready(TASK, data)
+            if data == count - 1:
+                out += sched.cdn_finished(TASK, count)
+                calls += 1
+            cpu += clock() - t0
+            calls += 1
+            assigned(out)
+        else:  # _JOIN
+            t0 = clock()
+            out = sched.join(TASK, ids[data])
+            cpu += clock() - t0
+            calls += 1
+            assigned(out)
+
+    times = sorted(t for t in done_at if t is not None)
+    makespan = times[-1] if len(times) == peers else float("inf")
+    bound = t_star(peers, size, peer_rate, origin_rate)
+
+    def pct(q: float) -> float:
+        if len(times) < peers:
+            return float("inf")
+        return times[min(len(times) - 1, int(q * len(times)))]
+
+    return SimResult(
+        peers=peers,
+        size=size,
+        piece_size=piece_size,
+        pieces=count,
+        peer_rate=peer_rate,
+        origin_rate=origin_rate,
+        latency=latency,
+        join_window=join_window,
+        makespan=makespan,
+        p50=pct(0.50),
+        p99=pct(0.99),
+        t_star=bound,
+        makespan_over_t_star=makespan / bound if bound else 0.0,
+        origin_egress_over_size=origin_bytes / size if size else 0.0,
+        cdn_served_over_total=cdn_bytes / (peers * size) if size else 0.0,
+        scheduler_calls=calls,
+        assignments=assignments,
+        scheduler_cpu=cpu,
+        scheduler_cpu_per_sim_second=cpu / makespan if makespan and makespan != float("inf") else 0.0,
+        wall_seconds=time.perf_counter() - wall0,
+        completed=len(times),
+    )
+
+
+def _rate(text: str) -> float:
+    """Bytes/s from a size (C{125M}) or a bit rate (C{1Gbit}, C{100Mbit})."""
+    from dfly.config import parse_size
+
+    t = text.strip()
+    if t.lower().endswith("bit"):
+        digits = t[:-3]
+        mult = {"k": 1e3, "m": 1e6, "g": 1e9}.get(digits[-1:].lower(), 1.0)
+        return float(digits[:-1] if mult != 1.0 else digits) * mult / 8
+    return float(parse_size(t, "rate"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dfly.config import parse_size
+
+    ap = argparse.ArgumentParser(prog="python -m dfly.devtools.sim", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--peers", type=int, default=None, help="number of peers (default 10000; 1000 with --quick)")
+    ap.add_argument("--size", default="1G", help="file size, e.g. 1G (default)")
+    ap.add_argument("--piece-size", type=int, default=None, help="piece size in MiB (default: what the CDN would use)")
+    ap.add_argument("--peer-rate", default="1Gbit", help="each peer's upload and download rate (default 1Gbit)")
+    ap.add_argument("--origin-rate", default="1Gbit", help="origin->CDN and CDN upload rate (default 1Gbit)")
+    ap.add_argument("--latency", type=float, default=0.001, help="seconds per piece request (default 0.001)")
+    ap.add_argument("--join-window", type=float, default=0.0, help="peers join uniformly over this many seconds")
+    ap.add_argument("--up-limit", type=int, default=None, help="scheduler up_limit (default: the supernode's)")
+    ap.add_argument("--down-limit", type=int, default=None, help="scheduler down_limit (default: the supernode's)")
+    ap.add_argument("--cdn-limit", type=int, default=None, help="scheduler cdn_limit (default: the supernode's)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="1000 peers unless --peers is given")
+    ap.add_argument("--json", action="store_true", help="print one JSON line")
+    ap.add_argument("--profile", action="store_true", help="print a cProfile summary to stderr")
+    args = ap.parse_args(argv)
+    peers = args.peers if args.peers is not None else (1000 if args.quick else 10000)
+    limits = {
+        k: v
+        for k, v in (("up_limit", args.up_limit), ("down_limit", args.down_limit), ("cdn_limit", args.cdn_limit))
+        if v is not None
+    }
+    try:
+        size = parse_size(args.size)
+        piece_size = args.piece_size * (1 << 20) if args.piece_size else None
+        kwargs: dict[str, Any] = dict(
+            peers=peers,
+            size=size,
+            piece_size=piece_size,
+            peer_rate=_rate(args.peer_rate),
+            origin_rate=_rate(args.origin_rate),
+            latency=args.latency,
+            join_window=args.join_window,
+            seed=args.seed,
+            scheduler=Scheduler(**limits),
+        )
+        if args.profile:
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            result = prof.runcall(run_simulation, **kwargs)
+            pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+        else:
+            result = run_simulation(**kwargs)
+    except Exception as e:  # bad options: a clear message, no traceback
+        if not isinstance(e, ValueError) and type(e).__name__ != "UsageError":
+            raise
+        print(f"sim: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(result.to_json())
+    else:
+        r = result
+        print(
+            f"{r.peers} peers, {r.size} bytes in {r.pieces} pieces of {r.piece_size >> 20} MiB, "
+            f"peer {r.peer_rate:.3g} B/s, origin {r.origin_rate:.3g} B/s, latency {r.latency:g} s"
+        )
+        print(
+            f"makespan {r.makespan:.3f} s = {r.makespan_over_t_star:.3f} T* (T* {r.t_star:.3f} s); "
+            f"p50 {r.p50:.3f} s, p99 {r.p99:.3f} s"
+        )
+        print(f"origin egress {r.origin_egress_over_size:.3f} S; CDN served {r.cdn_served_over_total:.5f} N*S")
+        print(
+            f"scheduler: {r.scheduler_calls} calls, {r.assignments} assignments, {r.scheduler_cpu:.2f} s CPU "
+            f"({r.scheduler_cpu_per_sim_second:.3f} s per simulated second); wall {r.wall_seconds:.1f} s"
+        )
+    return 0 if result.completed == result.peers else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
