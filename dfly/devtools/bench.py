@@ -28,6 +28,7 @@ is stopped at the end, also on failure, Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib.util
 import json
@@ -37,7 +38,6 @@ import shlex
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -47,9 +47,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dfly.devtools import torrent
+from dfly.devtools import bencode, torrent
 from dfly.devtools.origin import parse_rate
-from dfly.devtools.swarm import Proc, Swarm, proc_cpu_seconds, proc_kib, tool
+from dfly.devtools.swarm import Proc, Swarm, proc_cpu_seconds, proc_kib
 from dfly.errors import BenchError
 
 MiB = 1 << 20
@@ -241,6 +241,7 @@ def cpu_of(procs: list[Proc]) -> float:
 # -- the file -----------------------------------------------------------------
 
 
+@functools.cache
 def system_files(min_size: int = 8 * MiB) -> list[str]:
     """Large regular files under /usr/lib, the known big ones first, then by size."""
     found: dict[str, int] = {}
@@ -286,20 +287,12 @@ def real_data_file(directory: str, size: int) -> str:
 
 # -- swarm: dfly ----------------------------------------------------------------
 
-_PEER_HELP: str | None = None
-
-
-def peer_help() -> str:
-    global _PEER_HELP
-    if _PEER_HELP is None:
-        r = subprocess.run([tool("twistd"), "dfly-peer", "--help"], capture_output=True, text=True, timeout=60)
-        _PEER_HELP = r.stdout
-    return _PEER_HELP
-
-
 def peer_caps_available() -> bool:
-    text = peer_help()
-    return "--upload-rate" in text and "--download-rate" in text
+    """Whether C{twistd dfly-peer} has C{--upload-rate} and C{--download-rate}."""
+    from dfly.peer.tap import Options
+
+    names = {str(p[0]) for p in getattr(Options, "optParameters", [])}
+    return {"upload-rate", "download-rate"} <= names
 
 
 def run_dfly(cfg: Config, n: int, data: str, root: str, tstar: float) -> SwarmRun:
@@ -427,17 +420,15 @@ def run_bt(cfg: Config, n: int, data: str, root: str, tstar: float) -> SwarmRun:
         port_file = os.path.join(root, "tracker.port")
         swarm.spawn("tracker", [sys.executable, "-m", "dfly.devtools.tracker", "--port-file", port_file, "--interval", "2"], None)
         wait_for(lambda: os.path.exists(port_file), 30, "tracker start")
-        with open(port_file) as f:
-            tracker_port = int(f.read())
+        with open(port_file) as pf:
+            tracker_port = int(pf.read())
         announce = f"http://127.0.0.1:{tracker_port}/announce"
-        from dfly.devtools import bencode
-
         meta = os.path.join(root, f"{name}.torrent")
-        with open(meta, "wb") as f:
-            f.write(bencode.encode({"announce": announce, "info": torrent_info(data, cfg.piece_size)}))
+        with open(meta, "wb") as mf:
+            mf.write(bencode.encode({"announce": announce, "info": torrent_info(data, cfg.piece_size)}))
         hook = os.path.join(root, "done-hook.sh")
-        with open(hook, "w") as f:
-            f.write(HOOK)
+        with open(hook, "w") as hf:
+            hf.write(HOOK)
         os.chmod(hook, 0o755)
         ports = free_ports(2 * (n + 1))
         seed_dir = os.path.join(root, "seed")
@@ -471,8 +462,8 @@ def run_bt(cfg: Config, n: int, data: str, root: str, tstar: float) -> SwarmRun:
         while time.time() - t0 < deadline and any(t is None for t in times):
             for i, path in enumerate(done_files):
                 if times[i] is None and os.path.exists(path):
-                    with open(path) as f:
-                        times[i] = float(f.read()) - t0
+                    with open(path) as df:
+                        times[i] = float(df.read()) - t0
             time.sleep(POLL)
         origin_bytes = aria2_totals(seeder_rpc)[1]
         uploads = 0
