@@ -93,6 +93,7 @@ class Config:
     single_size: int
     sim_peers: list[int]
     sim_size: int
+    sim_timeout: float
     workdir: str
     out: str
     deadline_factor: float
@@ -587,7 +588,10 @@ def run_sim(cfg: Config, peers: int, log: Callable[[str], None]) -> dict[str, An
     log(f"simulator: {peers} peers, {cfg.sim_size / GiB:.2f} GiB ...")
     argv = [sys.executable, "-m", "dfly.devtools.sim", "--peers", str(peers), "--size", str(cfg.sim_size), "--json"]
     t = time.monotonic()
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=cfg.sim_timeout)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"simulator did not finish within {cfg.sim_timeout:g} s (--sim-timeout)") from None
     if r.returncode != 0:
         raise BenchError(f"simulator exited {r.returncode}: {r.stderr.strip()[-500:]}")
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -601,7 +605,7 @@ def run_sim(cfg: Config, peers: int, log: Callable[[str], None]) -> dict[str, An
 
 def parse_args(argv: list[str] | None) -> Config:
     p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="N = 4, 8; S = 32M; single 256M; simulator 1000 peers only")
+    p.add_argument("--quick", action="store_true", help="N = 4, 8; S = 24M; single 256M; simulator 1000 peers only")
     p.add_argument("--peers", help="swarm sizes, comma-separated (default 4,8,16,32)")
     p.add_argument("--size", help="swarm file size (default 64M)")
     p.add_argument("--rate", default="4M", help="B: cap per peer, up and down, bytes/s (default 4M)")
@@ -612,6 +616,7 @@ def parse_args(argv: list[str] | None) -> Config:
     p.add_argument("--single-size", help="single-client file size (default 1G)")
     p.add_argument("--sim-peers", help="simulated swarm sizes (default 1000,10000)")
     p.add_argument("--sim-size", default="1G", help="simulated file size (default 1G)")
+    p.add_argument("--sim-timeout", type=float, default=300.0, help="seconds one simulation may take (default 300)")
     p.add_argument("--piece-size", default="4M", help="piece size for dfly and the .torrent (default 4M)")
     p.add_argument("--deadline-factor", type=float, default=4.0, help="dfly and aria2c stop at this x T* + 30 s")
     p.add_argument("--http-deadline-factor", type=float, default=2.0, help="plain HTTP stops at this x T*")
@@ -622,7 +627,7 @@ def parse_args(argv: list[str] | None) -> Config:
     try:
         cfg = Config(
             peers=[int(x) for x in peers.split(",") if x.strip()],
-            size=parse_size(a.size or ("32M" if a.quick else "64M")),
+            size=parse_size(a.size or ("24M" if a.quick else "64M")),
             rate=parse_rate(a.rate),
             origin_rate=parse_rate(a.origin_rate or a.rate),
             rounds=a.rounds,
@@ -630,6 +635,7 @@ def parse_args(argv: list[str] | None) -> Config:
             single_size=parse_size(a.single_size or ("256M" if a.quick else "1G")),
             sim_peers=[int(x) for x in (a.sim_peers or ("1000" if a.quick else "1000,10000")).split(",") if x.strip()],
             sim_size=parse_size(a.sim_size),
+            sim_timeout=a.sim_timeout,
             workdir=os.path.abspath(a.workdir),
             out=os.path.abspath(a.out),
             deadline_factor=a.deadline_factor,

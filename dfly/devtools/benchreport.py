@@ -95,7 +95,7 @@ def swarm_rows(swarm: list[dict[str, Any]] | None) -> list[list[str]]:
             fmt_ratio(*ratio(run, "p50")),
             fmt_ratio(*ratio(run, "p99")),
             download,
-            fmt_ratio(run["origin_bytes"] / run["size"]),
+            fmt_ratio(run["origin_bytes"] / run["size"], run["system"] == "http" and run["last"]["lower_bound"]),
             fmt_ratio(served / total) if served is not None else "-",
             fmt_ratio(run["peer_bytes"] / total) if run["system"] != "http" else "0.00",
             "yes" if run["verified"] else "NO",
@@ -379,16 +379,19 @@ def write_plots(results: dict[str, Any], directory: str) -> list[str]:
                 ax.plot([n], [v], "o", color=colors[system], mfc="white" if bound else colors[system], ms=7)
                 if bound:
                     ax.annotate("≥", (n, v), textcoords="offset points", xytext=(6, -4), color=colors[system])
-            p50 = [ratio(r, "p50")[0] for r in runs]
-            ax.plot(ns, p50, ":", color=colors[system], marker="s", ms=4, label=f"{SYSTEM_NAMES[system]}: p50")
+            p50 = [ratio(r, "p50") for r in runs]
+            ax.plot(ns, [v for v, _ in p50], ":", color=colors[system], label=f"{SYSTEM_NAMES[system]}: p50")
+            for n, (v, bound) in zip(ns, p50, strict=True):
+                ax.plot([n], [v], "s", color=colors[system], mfc="white" if bound else colors[system], ms=5)
         ax.axhline(1.0, color="black", lw=0.8)
         ax.axhline(TARGETS["last"], color="gray", ls="--", lw=0.8, label=f"target for dfly's last ({TARGETS['last']}·T*)")
         ax.set_xscale("log", base=2)
         ns_all = sorted({r["n"] for r in swarm})
         ax.set_xticks(ns_all, [str(n) for n in ns_all])
         ax.set_yscale("log")
+        _plain_log_ticks(ax, [r for run in swarm for r in (ratio(run, "last")[0], ratio(run, "p50")[0])] + [1.0])
         ax.set_xlabel("peers N")
-        ax.set_ylabel("completion time / T*  (log)")
+        ax.set_ylabel("completion time / T*  (log scale)")
         ax.set_title("Swarm completion time vs N (hollow = lower bound at the deadline)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
@@ -399,17 +402,27 @@ def write_plots(results: dict[str, Any], directory: str) -> list[str]:
         written.append(path)
 
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.8))
+        egress: list[float] = [1.0]
         for system in ("dfly", "bt", "http"):
             runs = sorted((r for r in swarm if r["system"] == system), key=lambda r: r["n"])
-            if runs:
-                ax1.plot([r["n"] for r in runs], [r["origin_bytes"] / r["size"] for r in runs], "o-",
-                         color=colors[system], label=SYSTEM_NAMES[system])
+            if not runs:
+                continue
+            ns = [r["n"] for r in runs]
+            if system == "http":
+                # Every client fetches the whole file from the origin: N·S once all are done.
+                ax1.plot(ns, ns, "--", color=colors[system], label=f"{SYSTEM_NAMES[system]}: N·S by construction")
+                egress += [float(n) for n in ns]
+                continue
+            values = [r["origin_bytes"] / r["size"] for r in runs]
+            egress += values
+            ax1.plot(ns, values, "o-", color=colors[system], label=SYSTEM_NAMES[system])
         ax1.set_xscale("log", base=2)
         ns_all = sorted({r["n"] for r in swarm})
         ax1.set_xticks(ns_all, [str(n) for n in ns_all])
         ax1.set_yscale("log")
+        _plain_log_ticks(ax1, egress)
         ax1.set_xlabel("peers N")
-        ax1.set_ylabel("origin egress / S  (log)")
+        ax1.set_ylabel("origin egress / S  (log scale)")
         ax1.set_title("Origin egress")
         ax1.grid(True, which="both", alpha=0.3)
         ax1.legend(fontsize=8)
@@ -432,8 +445,8 @@ def write_plots(results: dict[str, Any], directory: str) -> list[str]:
         ax2.bar(xs, cdn, bottom=origin, color="tab:orange", label="supernode")
         ax2.bar(xs, peers, bottom=[a + b for a, b in zip(origin, cdn, strict=True)], color="tab:blue", label="other peers")
         ax2.set_xticks(list(xs), labels, fontsize=7)
-        ax2.set_ylabel("share of the N·S bytes delivered")
-        ax2.set_title("Where peers' bytes came from")
+        ax2.set_ylabel("bytes sent to peers / (N·S)")
+        ax2.set_title("Where peers' bytes came from (above 1: duplicates)")
         ax2.legend(fontsize=8)
         fig.tight_layout()
         path = os.path.join(directory, "swarm-bytes.png")
@@ -459,6 +472,19 @@ def write_plots(results: dict[str, Any], directory: str) -> list[str]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _plain_log_ticks(ax: Any, values: list[float]) -> None:
+    """Label a log axis with plain numbers (1, 1.5, 2, 3 ...) covering C{values}."""
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
+    top = max(values) if values else 1.0
+    bottom = min(values) if values else 1.0
+    candidates = [0.5, 0.75, 1, 1.15, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128]
+    ticks = [t for t in candidates if bottom * 0.9 <= t <= top * 1.1] or [1]
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_formatter(ScalarFormatter())
 
 
 def write_all(results: dict[str, Any], out: str) -> list[str]:
