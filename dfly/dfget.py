@@ -29,7 +29,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from dfly import __version__
-from dfly.config import data_home, parse_hostport, positive
+from dfly.config import data_home, parse_hostport, parse_size, positive
 from dfly.errors import (
     DflyError,
     DownloadTimeout,
@@ -39,6 +39,7 @@ from dfly.errors import (
     ProtocolError,
     StorageError,
 )
+from dfly.ratelimit import InboundThrottle, make_bucket
 from dfly.urls import check_url, origin_headers, parse_header_lines
 
 BACK_SOURCE_IDLE = 60.0
@@ -91,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'",
                    help="header sent to the origin (repeatable)")
     p.add_argument("-e", "--timeout", help="give up after this many seconds")
+    p.add_argument("--upload-rate", default="0", metavar="RATE",
+                   help="with an in-process peer: most bytes/s it sends to other peers (K/M/G; 0: no limit)")
+    p.add_argument("--download-rate", default="0", metavar="RATE",
+                   help="with an in-process peer (and from the origin): most bytes/s received (K/M/G; 0: no limit)")
     p.add_argument("--no-back-source", action="store_true", help="never download straight from the origin")
     p.add_argument("--json", action="store_true", help="print a JSON summary line on stdout when done")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -131,6 +136,12 @@ class Options(dict[str, Any]):
                 raise usage.UsageError("--timeout must be a finite number of seconds")
         if self["home"] and self["supernode"]:
             raise usage.UsageError("give --home or --supernode, not both")
+        self["upload-rate"] = parse_size(self["upload-rate"], "upload-rate")
+        self["download-rate"] = parse_size(self["download-rate"], "download-rate")
+        if self["home"] and (self["upload-rate"] or self["download-rate"]):
+            raise usage.UsageError(
+                "--upload-rate/--download-rate apply to an in-process peer; a daemon has its own (--home)"
+            )
         if not self["output"]:
             from urllib.parse import unquote, urlsplit
 
@@ -319,9 +330,12 @@ async def in_process(reactor: Any, opts: Options, out: Output, reporter: Reporte
     home = tempfile.mkdtemp(prefix=".dfly-peer-", dir=os.path.dirname(out.path))
     # Also on Ctrl-C or SIGTERM, when the finally below never runs.
     trigger = reactor.addSystemEventTrigger("before", "shutdown", shutil.rmtree, home, True)
-    node = PeerNode(reactor, home, opts["supernode"] or [("127.0.0.1", 8002)], link_timeout=5.0)
+    node = PeerNode(
+        reactor, home, opts["supernode"] or [("127.0.0.1", 8002)], link_timeout=5.0,
+        upload_rate=opts["upload-rate"], download_rate=opts["download-rate"],
+    )
     port = await serverFromString(reactor, "tcp:0").listen(
-        FramedFactory(lambda wire: SliceServerSession(wire, node.lookup))
+        FramedFactory(lambda wire: SliceServerSession(wire, node.lookup), upload=node.upload_bucket)
     )
     try:
         node.start(port.getHost().port)
@@ -343,14 +357,34 @@ async def in_process(reactor: Any, opts: Options, out: Output, reporter: Reporte
 class _FileSink(Protocol):
     """Writes an origin body to a file, hashing it; fails on a stall or a broken body."""
 
-    def __init__(self, f: Any, total: int | None, reporter: Reporter, reactor: Any, idle: float) -> None:
+    def __init__(
+        self, f: Any, total: int | None, reporter: Reporter, reactor: Any, idle: float, rate: int = 0
+    ) -> None:
         self.f, self.total, self.reporter = f, total, reporter
         self.md5 = hashlib.md5()
         self.received = 0
         self.done: Deferred[None] = Deferred()
         self.idle = idle
+        self.clock = reactor
         self.timer = reactor.callLater(idle, self._stalled)
         self.error: Exception | None = None
+        self.bucket = make_bucket(reactor, rate)
+        self.throttle: InboundThrottle | None = None
+
+    def connectionMade(self) -> None:
+        if self.bucket is not None:
+            self.throttle = InboundThrottle(self.bucket, self.transport, self._paused, self._resumed)
+
+    def _paused(self) -> None:
+        # Our own --download-rate is no stall of the origin's.
+        if self.timer.active():
+            self.timer.cancel()
+
+    def _resumed(self) -> None:
+        if self.timer.active():
+            self.timer.reset(self.idle)
+        else:
+            self.timer = self.clock.callLater(self.idle, self._stalled)
 
     def _stalled(self) -> None:
         self.error = OriginError(f"origin sent nothing for {self.idle:g} s")
@@ -370,8 +404,12 @@ class _FileSink(Protocol):
         self.md5.update(data)
         self.received += len(data)
         self.reporter.progress(self.received, self.total)
+        if self.throttle is not None:
+            self.throttle.received(len(data))
 
     def connectionLost(self, reason: Failure = _BODY_DONE) -> None:
+        if self.throttle is not None:
+            self.throttle.close()
         if self.timer.active():
             self.timer.cancel()
         if self.error is not None:
@@ -399,7 +437,7 @@ async def back_source(reactor: Any, opts: Options, out: Output, reporter: Report
         response.deliverBody(_Discard())
         raise OriginError(f"origin answered {response.code} {response.phrase.decode('latin-1')}", response.code)
     with open(out.tmp, "wb") as f:
-        sink = _FileSink(f, total, reporter, reactor, BACK_SOURCE_IDLE)
+        sink = _FileSink(f, total, reporter, reactor, BACK_SOURCE_IDLE, opts["download-rate"])
         response.deliverBody(sink)
         await sink.done
     md5 = sink.md5.hexdigest()
@@ -491,7 +529,7 @@ def main(argv: list[str] | None = None) -> None:
     if opts["version"]:
         print(f"dfget {__version__}")
         raise SystemExit(0)
-    if not opts["home"] and not opts["supernode"]:
+    if not opts["home"] and not opts["supernode"] and not (opts["upload-rate"] or opts["download-rate"]):
         default_home = data_home("peer")
         if os.path.exists(os.path.join(default_home, "dfly.sock")):
             opts["home"] = default_home

@@ -8,6 +8,11 @@ md5 is checked by the frame parser.  A request whose piece has meanwhile been
 given to another source is marked I{stale}: its bytes are dropped and its
 outcome ignored.  If nothing arrives for C{stall_timeout} seconds while
 requests are outstanding, the connection is aborted and they all fail.
+
+With a download rate limit the pool's connections share one bucket and each is
+paused while it is in debt.  Such a pause is our doing, not the source's: the
+stall timer and the piece deadline stop while the connection is throttled and
+go on, with the time they had left, when it reads again.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from twisted.python.failure import Failure
 
 from dfly.errors import BadControlMessage, ProtocolError
 from dfly.peer.store import StoredTask
+from dfly.ratelimit import TokenBucket
 from dfly.wire.messages import get_int, get_opt_str, get_task_id
 from dfly.wire.protocol import FramedFactory, FramedProtocol
 
@@ -71,6 +77,8 @@ class FetchSession:
         self.timer: IDelayedCall | None = None
         self.deadline: IDelayedCall | None = None
         self.deadline_req: PieceRequest | None = None
+        self.deadline_left: float | None = None  # while throttled: what the deadline had left
+        self.throttled_now = False
         self.error: str | None = None
 
     def connection_made(self) -> None:
@@ -90,10 +98,32 @@ class FetchSession:
             return
         if self.deadline is not None and self.deadline.active():
             self.deadline.cancel()
-        self.deadline, self.deadline_req = None, head
+        self.deadline, self.deadline_req, self.deadline_left = None, head, None
         if head is not None:
             allowed = self.pool.stall_timeout + head.data_len / self.pool.min_rate
-            self.deadline = self.pool.reactor.callLater(allowed, self._too_slow, head, allowed)
+            if self.throttled_now:
+                self.deadline_left = allowed
+            else:
+                self.deadline = self.pool.reactor.callLater(allowed, self._too_slow, head, allowed)
+
+    def throttled(self, paused: bool) -> None:
+        """Our download limit paused (or resumed) reading: stop (or restart) the clocks."""
+        self.throttled_now = paused
+        if paused:
+            if self.timer is not None and self.timer.active():
+                self.timer.cancel()
+            self.timer = None
+            if self.deadline is not None and self.deadline.active():
+                self.deadline_left = max(0.0, self.deadline.getTime() - self.pool.reactor.seconds())
+                self.deadline.cancel()
+            self.deadline = None
+            return
+        self._arm()
+        req, left = self.deadline_req, self.deadline_left
+        self.deadline_left = None
+        if req is not None and left is not None and self.deadline is None:
+            allowed = self.pool.stall_timeout + req.data_len / self.pool.min_rate
+            self.deadline = self.pool.reactor.callLater(left, self._too_slow, req, allowed)
 
     def _too_slow(self, req: PieceRequest, allowed: float) -> None:
         self.deadline = None
@@ -102,6 +132,8 @@ class FetchSession:
 
     def _arm(self) -> None:
         """One timer: the stall timeout while requests are out, else the idle timeout."""
+        if self.throttled_now:
+            return
         delay = self.pool.stall_timeout if self.sent else self.pool.idle_timeout
         if self.timer is None or not self.timer.active():
             self.timer = self.pool.reactor.callLater(delay, self._timed_out)
@@ -144,7 +176,7 @@ class FetchSession:
                 # Our disk, not the source, failed: remember it and keep draining the slice.
                 req.local_error = f"cannot write piece {req.piece}: {e.strerror or e}"
         req.received += len(data)
-        if self.timer is not None:
+        if self.timer is not None and self.timer.active():
             self.timer.reset(self.pool.stall_timeout)
 
     def slice_finished(self) -> None:
@@ -182,9 +214,11 @@ class SourcePool:
         connect_timeout: float = 10.0,
         idle_timeout: float = 60.0,
         min_rate: float = 256 * 1024,
+        download: TokenBucket | None = None,
     ) -> None:
         self.reactor = reactor
         self.min_rate = min_rate
+        self.download = download
         self.stall_timeout = stall_timeout
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
@@ -210,7 +244,7 @@ class SourcePool:
             return holder["s"]
 
         endpoint = HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
-        d = endpoint.connect(FramedFactory(make_session))
+        d = endpoint.connect(FramedFactory(make_session, download=self.download))
         self._attempts[key] = d
 
         def connected(_: Any) -> None:

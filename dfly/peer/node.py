@@ -41,6 +41,7 @@ from dfly.peer.fetch import PieceRequest, SourcePool
 from dfly.peer.link import SupernodeLink
 from dfly.peer.store import PeerStore
 from dfly.pieces import check_piece_size
+from dfly.ratelimit import make_bucket
 from dfly.urls import check_url, credential_key, filter_url, parse_header_lines, task_id_for
 from dfly.wire.framing import MAX_CONTROL
 from dfly.wire.messages import (
@@ -161,6 +162,8 @@ class PeerNode:
         keepalive: float = 20.0,
         cache_limit: int = 0,
         min_rate: float = 256 * 1024,
+        upload_rate: float = 0,
+        download_rate: float = 0,
         hasher: Callable[[str, int, int, Any], Deferred[None]] | None = None,
     ) -> None:
         self.reactor = reactor
@@ -172,7 +175,12 @@ class PeerNode:
         self.cache_limit = cache_limit
         self.link_timeout = link_timeout
         self.store = PeerStore(home)
-        self.sources = SourcePool(reactor, stall_timeout=stall_timeout, min_rate=min_rate)
+        # One bucket per direction for the whole host: every connection and task shares it.
+        self.upload_bucket = make_bucket(reactor, upload_rate)
+        self.download_bucket = make_bucket(reactor, download_rate)
+        self.sources = SourcePool(
+            reactor, stall_timeout=stall_timeout, min_rate=min_rate, download=self.download_bucket
+        )
         self.link = SupernodeLink(
             reactor, supernodes, self._link_up, self._link_down, self._control, keepalive=keepalive
         )

@@ -39,6 +39,8 @@ class Options(usage.Options):
         ["stall-timeout", None, "30", "Seconds without bytes before a source is given up."],
         ["idle-timeout", None, "60", "Seconds before an upload connection that shows no life is closed."],
         ["min-rate", None, "256K", "Slowest a source may send a piece (bytes/s) before it is given up."],
+        ["upload-rate", None, "0", "Most bytes/s sent to other peers, all connections together (K/M/G; 0: no limit)."],
+        ["download-rate", None, "0", "Most bytes/s received from sources, all downloads together (K/M/G; 0: no limit)."],
         ["cache-limit", None, "0", "Drop finished files, least recently used first, above this size (0: no limit)."],
         ["link-timeout", None, "30", "Seconds without any supernode before unfinished downloads fail."],
         ["keepalive", None, "20", "Seconds between pings on the supernode link (3 missed: reconnect)."],
@@ -63,6 +65,8 @@ class Options(usage.Options):
         self["link-timeout"] = positive(float, "link-timeout", self["link-timeout"])
         self["cache-limit"] = parse_size(self["cache-limit"], "cache-limit")
         self["min-rate"] = parse_size(self["min-rate"], "min-rate")
+        self["upload-rate"] = parse_size(self["upload-rate"], "upload-rate")
+        self["download-rate"] = parse_size(self["download-rate"], "download-rate")
         if self["min-rate"] <= 0:
             raise usage.UsageError("--min-rate must be positive")
         self["home"] = os.path.abspath(self["home"])
@@ -98,6 +102,8 @@ class PeerService(ListeningService):
             link_timeout=config["link-timeout"],
             cache_limit=config["cache-limit"],
             min_rate=config["min-rate"],
+            upload_rate=config["upload-rate"],
+            download_rate=config["download-rate"],
         )
         sock = socket_path(config["home"])
         if os.path.exists(sock):
@@ -110,7 +116,12 @@ class PeerService(ListeningService):
             return LocalApiSession(wire, node)
 
         return [
-            (config["port"], FramedFactory(upload_session, idle_timeout=config["idle-timeout"], clock=reactor)),
+            (
+                config["port"],
+                FramedFactory(
+                    upload_session, idle_timeout=config["idle-timeout"], clock=reactor, upload=node.upload_bucket
+                ),
+            ),
             (f"unix:{sock}:mode=600", FramedFactory(api_session)),
         ]
 

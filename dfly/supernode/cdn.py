@@ -14,6 +14,10 @@ C{idle_timeout}, a full disk or an HTTP status other than 200 fails the task:
 the cache file is removed and C{on_fail} fires, so nothing half-written is
 ever served.
 
+With an origin rate limit (one bucket for all fetches) the body transport is
+paused while the bucket is in debt; the stall timer stops meanwhile, since the
+wait is ours and not the origin's.
+
 Persistence: C{<id>.meta} is written when the headers arrive (unfinished) and
 again at the end (finished, with every piece md5).  After a restart finished
 tasks are served from the cache once revalidated against the origin (ETag /
@@ -48,6 +52,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 
 from dfly.errors import IntegrityError, OriginError, StorageError
 from dfly.pieces import OVERHEAD, TAIL, SliceHeader, default_piece_size, pwrite_all
+from dfly.ratelimit import InboundThrottle, TokenBucket
 
 _RESPONSE_DONE = Failure(ResponseDone())
 
@@ -131,8 +136,10 @@ class Cdn:
         on_fail: Callable[[CdnTask], None],
         piece_size: int | None = None,
         idle_timeout: float = 60.0,
+        origin_bucket: TokenBucket | None = None,
     ) -> None:
         self._reactor = reactor
+        self.origin_bucket = origin_bucket
         self._http = http
         self._home = home
         self._on_headers = on_headers
@@ -489,6 +496,21 @@ class Slicer(Protocol):
         self._idle_timeout = idle_timeout
         self._timer: IDelayedCall | None = reactor.callLater(idle_timeout, self._stalled)
         self._error: Exception | None = None
+        self._throttle: InboundThrottle | None = None
+
+    def connectionMade(self) -> None:
+        bucket = self._cdn.origin_bucket
+        if bucket is not None:
+            self._throttle = InboundThrottle(bucket, self.transport, self._paused, self._resumed)
+
+    def _paused(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _resumed(self) -> None:
+        if self._error is None and self._timer is None:
+            self._timer = self._reactor.callLater(self._idle_timeout, self._stalled)
 
     def _stalled(self) -> None:
         self._timer = None
@@ -504,8 +526,10 @@ class Slicer(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._error is not None:
             return
-        if self._timer is not None:
+        if self._timer is not None and self._timer.active():
             self._timer.reset(self._idle_timeout)
+        if self._throttle is not None:
+            self._throttle.received(len(data))
         task = self._task
         task.source_bytes += len(data)
         self._offset += len(data)
@@ -541,6 +565,8 @@ class Slicer(Protocol):
         self._cdn.piece_ready(self._task, n)
 
     def connectionLost(self, reason: Failure = _RESPONSE_DONE) -> None:
+        if self._throttle is not None:
+            self._throttle.close()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 
 from dfly.errors import BadControlMessage, DflyError, PieceUnavailable
 from dfly.pieces import OVERHEAD, Layout
+from dfly.ratelimit import make_bucket
 from dfly.supernode.cdn import Cdn, CdnTask
 from dfly.supernode.scheduler import CDN, Assignment, Scheduler
 from dfly.urls import check_url, credential_key, filter_url, origin_headers, task_id_for
@@ -64,9 +65,13 @@ class Supernode:
         origin_idle_timeout: float = 60.0,
         revalidate_after: float = 5.0,
         cache_limit: int = 0,
+        origin_rate: float = 0,
+        upload_rate: float = 0,
     ) -> None:
         self._reactor = reactor
         self.scheduler = scheduler or Scheduler()
+        # Slices served to peers, all connections together (the peer port's factory uses it).
+        self.upload_bucket = make_bucket(reactor, upload_rate)
         self.cdn = Cdn(
             reactor,
             http,
@@ -77,6 +82,7 @@ class Supernode:
             on_fail=self._cdn_failed,
             piece_size=piece_size,
             idle_timeout=origin_idle_timeout,
+            origin_bucket=make_bucket(reactor, origin_rate),
         )
         self.tasks: dict[str, CdnTask] = {}
         self.sessions: dict[str, SupernodeSession] = {}

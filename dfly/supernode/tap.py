@@ -45,6 +45,8 @@ class Options(usage.Options):
         ["origin-timeout", None, "60", "Seconds of origin silence before a fetch fails."],
         ["revalidate-after", None, "5", "Seconds a cached file is trusted before the origin is asked again."],
         ["cache-limit", None, "0", "Evict idle cached files, least recently used first, above this size (0: never)."],
+        ["origin-rate", None, "0", "Most bytes/s read from origins, all fetches together (K/M/G; 0: no limit)."],
+        ["upload-rate", None, "0", "Most bytes/s of slices sent to peers, all connections together (0: no limit)."],
         ["idle-timeout", None, "60", "Seconds before a connection that shows no life is closed (peers ping every 20)."],
         ["ready-file", None, None, "Write {\"port\": N, \"api\": M} as JSON here once listening."],
     ]
@@ -62,6 +64,8 @@ class Options(usage.Options):
         self["origin-timeout"] = positive(float, "origin-timeout", self["origin-timeout"])
         self["idle-timeout"] = positive(float, "idle-timeout", self["idle-timeout"])
         self["cache-limit"] = parse_size(self["cache-limit"], "cache-limit")
+        self["origin-rate"] = parse_size(self["origin-rate"], "origin-rate")
+        self["upload-rate"] = parse_size(self["upload-rate"], "upload-rate")
         try:
             self["revalidate-after"] = float(self["revalidate-after"])
         except ValueError:
@@ -89,7 +93,12 @@ class SupernodeService(ListeningService):
     def listeners(self) -> list[tuple[str, Any]]:
         idle = self._config["idle-timeout"]
         return [
-            (self._config["port"], FramedFactory(self.node.make_session, idle_timeout=idle, clock=self._reactor)),
+            (
+                self._config["port"],
+                FramedFactory(
+                    self.node.make_session, idle_timeout=idle, clock=self._reactor, upload=self.node.upload_bucket
+                ),
+            ),
             (self._config["api"], Site(make_api(self.node), timeout=idle)),
         ]
 
@@ -121,6 +130,8 @@ def makeService(config: Options, reactor: Any = None, http: Any = None) -> IServ
         origin_idle_timeout=config["origin-timeout"],
         revalidate_after=config["revalidate-after"],
         cache_limit=config["cache-limit"],
+        origin_rate=config["origin-rate"],
+        upload_rate=config["upload-rate"],
     )
     service = SupernodeService(reactor, config, node)
     service.lock = lock  # type: ignore[attr-defined]

@@ -14,6 +14,13 @@ connection sits in memory and a slow receiver slows the reads (backpressure).
 With an C{idle_timeout}, a connection that neither sends anything nor takes
 any of what it is sent for that long is closed (slow-loris, dead peers);
 long-lived control connections stay up with pings.
+
+Rate limits (L{dfly.ratelimit}): with an C{upload} bucket the slice producer
+takes tokens before each read and, when it gets none, waits in the bucket's
+queue instead of writing (the transport then stops asking it for more until
+the bucket's timer resumes it).  With a C{download} bucket every received byte
+is debited and the transport is paused while the bucket is in debt; the
+session hears of it (C{throttled}) so that its stall timers can stop counting.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dfly.errors import ProtocolError
+from dfly.ratelimit import InboundThrottle, TokenBucket, Wait
 from dfly.wire.framing import MAX_CONTROL, FrameParser, encode_control
 
 CHUNK = 256 * 1024
@@ -87,8 +95,11 @@ class FileRangeProducer:
         source: SliceSource,
         finished: Callable[[bool], None],
         touch: Callable[[], None] | None = None,
+        bucket: TokenBucket | None = None,
     ) -> None:
         self._touch = touch
+        self._bucket = bucket
+        self._wait: Wait | None = None
         self._consumer = consumer
         self._source = source
         self._pos = 0
@@ -104,13 +115,21 @@ class FileRangeProducer:
 
     def resumeProducing(self) -> None:
         """IPullProducer API: send the next chunk, or finish."""
-        if self._done:
+        if self._done or self._wait is not None:
             return
         src = self._source
         left = src.length - self._pos
         if left > 0:
+            want = min(CHUNK, left)
+            if self._bucket is not None:
+                least = min(want, self._bucket.quantum)
+                want = self._bucket.take(want, least)
+                if not want:
+                    # Write nothing now: the bucket's timer resumes us when our turn comes.
+                    self._wait = self._bucket.wait(self._woken, least)
+                    return
             try:
-                chunk = os.pread(src.fd, min(CHUNK, left), src.offset + self._pos)
+                chunk = os.pread(src.fd, want, src.offset + self._pos)
             except OSError:
                 chunk = b""
             if not chunk:
@@ -130,6 +149,10 @@ class FileRangeProducer:
             self._sent += len(src.suffix)
         self._finish(True)
 
+    def _woken(self) -> None:
+        self._wait = None
+        self.resumeProducing()
+
     def stopProducing(self) -> None:
         """IProducer API: the connection went away."""
         self._finish(False)
@@ -138,6 +161,9 @@ class FileRangeProducer:
         if self._done:
             return
         self._done = True
+        if self._wait is not None:
+            self._wait.cancel()
+            self._wait = None
         self._consumer.unregisterProducer()
         if self._source.on_done is not None:
             self._source.on_done(ok, self._sent)
@@ -155,11 +181,16 @@ class FramedProtocol(Protocol):
         max_control: int = MAX_CONTROL,
         idle_timeout: float | None = None,
         clock: Any = None,
+        upload: TokenBucket | None = None,
+        download: TokenBucket | None = None,
     ) -> None:
         self._make_session = make_session
         self._max_control = max_control
         self._idle_timeout = idle_timeout
         self._clock = clock
+        self._upload = upload
+        self._download = download
+        self._throttle: InboundThrottle | None = None
         self._idle: Any = None
         self._queue: deque[tuple[bytes, SliceSource | None]] = deque()
         self._busy = False
@@ -174,7 +205,17 @@ class FramedProtocol(Protocol):
         session = self._make_session(self)
         self.session = session
         self.parser = FrameParser(session, self._max_control)
+        if self._download is not None:
+            self._throttle = InboundThrottle(
+                self._download, self.transport, lambda: self._throttled(True), lambda: self._throttled(False)
+            )
         session.connection_made()
+
+    def _throttled(self, paused: bool) -> None:
+        """Reading stopped (or started again) because of our own download limit."""
+        hook = getattr(self.session, "throttled", None)
+        if hook is not None:
+            hook(paused)
 
     def touch(self) -> None:
         """The other side showed it is alive (it sent or took bytes)."""
@@ -195,9 +236,14 @@ class FramedProtocol(Protocol):
             self._log.warn("closing connection from {peer}: {reason}", peer=self.peer_label, reason=str(e))
             self.session.protocol_error(e)
             self.close(abort=True)
+            return
+        if self._throttle is not None:
+            self._throttle.received(len(data))
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self._closed = True
+        if self._throttle is not None:
+            self._throttle.close()
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None
@@ -274,7 +320,9 @@ class FramedProtocol(Protocol):
             self.transport.write(frame)
             if source is not None:
                 self._busy = True
-                FileRangeProducer(self.transport, source, self._slice_sent, self.touch).start()  # type: ignore[arg-type]
+                FileRangeProducer(
+                    self.transport, source, self._slice_sent, self.touch, self._upload  # type: ignore[arg-type]
+                ).start()
                 return
         self._busy = False
 
@@ -296,12 +344,19 @@ class FramedFactory(Factory):
         make_session: Callable[[FramedProtocol], Session],
         idle_timeout: float | None = None,
         clock: Any = None,
+        upload: TokenBucket | None = None,
+        download: TokenBucket | None = None,
     ) -> None:
         self._make_session = make_session
         self._idle_timeout = idle_timeout
         self._clock = clock
+        self.upload = upload
+        self.download = download
 
     def buildProtocol(self, addr: Any) -> FramedProtocol:
-        proto = FramedProtocol(self._make_session, idle_timeout=self._idle_timeout, clock=self._clock)
+        proto = FramedProtocol(
+            self._make_session, idle_timeout=self._idle_timeout, clock=self._clock,
+            upload=self.upload, download=self.download,
+        )
         proto.factory = self
         return proto
