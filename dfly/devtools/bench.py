@@ -296,6 +296,13 @@ def peer_caps_available() -> bool:
     return {"upload-rate", "download-rate"} <= names
 
 
+def supernode_caps_available() -> bool:
+    """Whether C{twistd dfly-supernode} has C{--upload-rate}."""
+    from dfly.supernode.tap import Options
+
+    return "upload-rate" in {str(p[0]) for p in getattr(Options, "optParameters", [])}
+
+
 def run_dfly(cfg: Config, n: int, data: str, root: str, tstar: float) -> SwarmRun:
     size = os.path.getsize(data)
     name = os.path.basename(data)
@@ -304,7 +311,10 @@ def run_dfly(cfg: Config, n: int, data: str, root: str, tstar: float) -> SwarmRu
     extra = ["--upload-rate", str(int(cfg.rate)), "--download-rate", str(int(cfg.rate))] if caps else []
     with swarm_at(root) as swarm:
         swarm.start_origin(os.path.dirname(data), "--total-rate", str(int(cfg.origin_rate)))
-        swarm.start_supernode("--piece-size", str(cfg.piece_size // MiB))
+        # The supernode stands for the origin's side of the swarm: its uploads get B_origin too,
+        # as the BitTorrent seeder's do.
+        sn_caps = ["--upload-rate", str(int(cfg.origin_rate))] if supernode_caps_available() else []
+        swarm.start_supernode("--piece-size", str(cfg.piece_size // MiB), *sn_caps)
         names = [f"peer{i + 1}" for i in range(n)]
         daemons = swarm.start_peers(names, *extra)
         cpu0 = cpu_of(daemons + [p for p in swarm.procs if p.name == "supernode"])
@@ -331,13 +341,15 @@ def run_dfly(cfg: Config, n: int, data: str, root: str, tstar: float) -> SwarmRu
         times = [t if t is not None and c.popen.returncode == 0 else None for t, c in zip(times, clients, strict=True)]
         last, p50, p99 = summarize(times, deadline)
         note = "" if caps else "peers uncapped (this dfly-peer has no --upload-rate/--download-rate)"
+        if not sn_caps:
+            note = (note + "; " if note else "") + "supernode uploads uncapped"
         rss = max((proc_kib(d.popen.pid, "VmHWM") for d in daemons if d.alive()), default=0)
         return SwarmRun(
             "dfly", n, tstar, deadline, times, last, p50, p99, origin_bytes, cdn, from_peers, size,
             verified, note, cpu,
             {"served_bytes": task.get("served_bytes"), "piece_count": task.get("piece_count"),
              "dfget_seconds": [s.get("seconds") if s else None for s in summaries], "peer_vmhwm_kib": rss,
-             "peer_caps": caps},
+             "peer_caps": caps, "supernode_caps": bool(sn_caps)},
         )
 
 
