@@ -497,7 +497,7 @@ def test_simulation_swarm(seed: int) -> None:
 
 def test_cdn_finished_stops_assigning_complete_members() -> None:
     """Once the piece count is known, members holding every piece get nothing while others still do."""
-    s = setup(4, up_limit=10)
+    s = setup(4, up_limit=10, down_limit=4)
     assert s.join(T, "full", has=range(4)) == []
     got = s.cdn_finished(T, 4)
     assert got == []  # nobody is missing anything yet
@@ -546,3 +546,45 @@ def test_late_done_from_a_replaced_source_frees_the_new_slot() -> None:
     assert 0 in s.tasks["t"].members["b"].has
     assert s.tasks["t"].members["b"].running == {}
     assert s.peers[other].uploads == 0
+
+
+# -- incremental settling -----------------------------------------------------------------
+
+
+def test_departed_cdn_downloader_frees_the_cdn_slot_for_a_waiting_peer() -> None:
+    """A peer that leaves while fetching from the CDN frees the CDN slot at once for a peer
+    that was waiting on the CDN limit (nothing else would wake that peer)."""
+    for drop in ("leave", "gone"):
+        s = setup(2, cdn_limit=1, down_limit=1)
+        assert pairs(s.join(T, "a")) == {("a", 0, CDN)}
+        assert s.join(T, "b") == []
+        out = s.leave(T, "a") if drop == "leave" else s.peer_gone("a")
+        assert len(out) == 1 and out[0].peer == "b" and out[0].source == CDN
+        check_invariants(s)
+
+
+def test_freed_upload_slot_goes_to_a_waiting_peer() -> None:
+    """When a busy source finishes an upload, a peer that waited for a piece only that source
+    holds gets it in the same event."""
+    s = setup(2, up_limit=1, down_limit=1)
+    s.join(T, "h", has=[0, 1], seeding_only=True)
+    s.join(T, "x", has=[1], seeding_only=True)
+    (first,) = s.join(T, "a", has=[1])
+    assert (first.piece, first.source) == (0, "h")
+    assert s.join(T, "b", has=[1]) == []  # only h holds piece 0, and h is busy
+    out = s.piece_done(T, "a", 0, "h")
+    assert ("b", 0, "h") in pairs(out) or ("b", 0, "a") in pairs(out)
+    check_invariants(s)
+
+
+def test_new_holder_serves_peers_that_waited_for_its_piece() -> None:
+    """A piece finished by one peer is offered to the peers that were waiting for it, up to
+    the new holder's upload limit."""
+    s = setup(1, up_limit=2, down_limit=1)
+    assert pairs(s.join(T, "a")) == {("a", 0, CDN)}
+    for p in ("b", "c", "d"):
+        assert s.join(T, p) == []
+    out = s.piece_done(T, "a", 0, CDN)
+    assert len(out) == 2 and {x.source for x in out} == {"a"}
+    assert {x.peer for x in out} <= {"b", "c", "d"}
+    check_invariants(s)

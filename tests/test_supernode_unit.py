@@ -358,6 +358,7 @@ def test_origin_timeout_cancels_request(env: Env) -> None:
 def test_lost_peer_dropped_and_work_reoffered(env: Env) -> None:
     """When a peer's connection is lost it leaves the scheduler's members and the session
     table, and pieces it was fetching from the CDN are offered to the remaining peer."""
+    env.node.scheduler.down_limit = 4  # room for p2 to take over all of p1's pieces at once
     s1, w1 = connect(env.node, "p1")
     s2, w2 = connect(env.node, "p2")
     register(s1)

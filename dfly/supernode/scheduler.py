@@ -49,6 +49,18 @@ from dataclasses import dataclass, field
 
 CDN = "cdn"
 
+# Defaults (the supernode's options use these).  Uploads and downloads are limited alike:
+# a source running more uploads than its downloaders run downloads splits its link thinner
+# than theirs, so they idle part of their own; and every extra concurrent transfer slows
+# each piece, hence the spread of a new piece through the swarm.  Two (not one) keeps a
+# second transfer going while the other waits for a request's round trip or a slow source.
+# dfly.devtools.sim measures the effect: README.md, "Scheduling at scale".
+DEFAULT_DOWN_LIMIT = 2
+DEFAULT_UP_LIMIT = 2
+DEFAULT_CDN_LIMIT = 4
+DEFAULT_BLACKLIST_LIMIT = 3
+DEFAULT_ISOLATION_LIMIT = 5
+
 
 @dataclass(frozen=True)
 class Assignment:
@@ -115,11 +127,11 @@ class Scheduler:
 
     def __init__(
         self,
-        down_limit: int = 4,
-        up_limit: int = 5,
-        cdn_limit: int = 4,
-        blacklist_limit: int = 3,
-        isolation_limit: int = 5,
+        down_limit: int = DEFAULT_DOWN_LIMIT,
+        up_limit: int = DEFAULT_UP_LIMIT,
+        cdn_limit: int = DEFAULT_CDN_LIMIT,
+        blacklist_limit: int = DEFAULT_BLACKLIST_LIMIT,
+        isolation_limit: int = DEFAULT_ISOLATION_LIMIT,
     ) -> None:
         self.down_limit = down_limit
         self.up_limit = up_limit

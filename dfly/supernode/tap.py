@@ -21,7 +21,14 @@ from dfly.config import (
 from dfly.listening import ListeningService
 from dfly.pieces import MIB, check_piece_size
 from dfly.supernode.api import make_api
-from dfly.supernode.scheduler import Scheduler
+from dfly.supernode.scheduler import (
+    DEFAULT_BLACKLIST_LIMIT,
+    DEFAULT_CDN_LIMIT,
+    DEFAULT_DOWN_LIMIT,
+    DEFAULT_ISOLATION_LIMIT,
+    DEFAULT_UP_LIMIT,
+    Scheduler,
+)
 from dfly.supernode.service import Supernode
 from dfly.wire.protocol import FramedFactory
 
@@ -37,11 +44,11 @@ class Options(usage.Options):
         ["api", "a", f"tcp:{DEFAULT_API_PORT}:interface=127.0.0.1", "Endpoint for the HTTP API."],
         ["home", "d", data_home("supernode"), "Directory for the slice cache and metadata."],
         ["piece-size", None, "auto", "Piece size in MiB (1-15), or auto (by file size)."],
-        ["cdn-limit", None, "4", "Peers per task the supernode serves at once (when no peer can)."],
-        ["up-limit", None, "5", "Concurrent uploads per peer."],
-        ["down-limit", None, "4", "Concurrent piece downloads per peer and task."],
-        ["blacklist-limit", None, "3", "Failures in a row before a source peer is blacklisted."],
-        ["isolation-limit", None, "5", "Failures in a row before a downloader gets pieces from the supernode only."],
+        ["cdn-limit", None, str(DEFAULT_CDN_LIMIT), "Peers per task the supernode serves at once (when no peer can)."],
+        ["up-limit", None, str(DEFAULT_UP_LIMIT), "Concurrent uploads per peer."],
+        ["down-limit", None, str(DEFAULT_DOWN_LIMIT), "Concurrent piece downloads per peer and task."],
+        ["blacklist-limit", None, str(DEFAULT_BLACKLIST_LIMIT), "Failures in a row before a source peer is blacklisted."],
+        ["isolation-limit", None, str(DEFAULT_ISOLATION_LIMIT), "Failures in a row before a downloader gets pieces from the supernode only."],
         ["origin-timeout", None, "60", "Seconds of origin silence before a fetch fails."],
         ["revalidate-after", None, "5", "Seconds a cached file is trusted before the origin is asked again."],
         ["cache-limit", None, "0", "Evict idle cached files, least recently used first, above this size (0: never)."],

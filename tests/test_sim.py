@@ -1,0 +1,146 @@
+"""Tests for dfly.devtools.sim: tiny swarms whose outcome is known analytically, and
+proof that the simulator drives the supernode's own scheduler."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from dfly.devtools import sim
+from dfly.devtools.sim import run_simulation, t_star
+from dfly.pieces import MIB, Layout
+from dfly.supernode import scheduler as scheduler_module
+from dfly.supernode.scheduler import Assignment, Scheduler
+
+SIZE = 64 * MIB
+PIECE = 4 * MIB
+B = 100e6
+
+
+def slice_bytes(size: int, piece: int) -> int:
+    layout = Layout(size, piece)
+    return sum(layout.slice_len(n) for n in range(layout.count))
+
+
+def test_one_peer_fast_origin_is_limited_by_its_download_link() -> None:
+    """One peer, an origin 100 times faster: the peer's link is busy from the first piece on,
+    so the time is the first piece's arrival + one request latency + all slices / B_peer."""
+    latency = 0.002
+    r = run_simulation(peers=1, size=SIZE, piece_size=PIECE, peer_rate=B, origin_rate=100 * B, latency=latency)
+    expected = PIECE / (100 * B) + latency + slice_bytes(SIZE, PIECE) / B
+    assert r.completed == 1
+    assert r.makespan == pytest.approx(expected, rel=0.01)
+    assert r.cdn_served_over_total == pytest.approx(slice_bytes(SIZE, PIECE) / SIZE)
+
+
+def test_one_peer_slow_origin_is_limited_by_the_origin() -> None:
+    """One peer 100 times faster than the origin: the CDN's upload (also B_origin) is busy from
+    the first piece's arrival on and never runs dry (no piece is larger than the first), so the
+    time is the first slice's arrival + one request latency + all slices / B_origin."""
+    latency = 0.001
+    r = run_simulation(peers=1, size=SIZE, piece_size=PIECE, peer_rate=100 * B, origin_rate=B, latency=latency)
+    first = Layout(SIZE, PIECE).slice_len(0) / B
+    assert r.makespan == pytest.approx(first + latency + slice_bytes(SIZE, PIECE) / B, rel=0.01)
+    assert r.makespan >= r.t_star
+
+
+def test_two_peers_share_the_work_and_take_each_piece_from_the_cdn_once() -> None:
+    """Two equal peers behind an equal origin: each piece leaves the CDN exactly once (half of
+    the bytes the peers receive), the origin sends the file once, and both finish within a
+    few piece times of T* = S/B."""
+    r = run_simulation(peers=2, size=SIZE, piece_size=PIECE, peer_rate=B, origin_rate=B, latency=0.001)
+    total = slice_bytes(SIZE, PIECE)
+    assert r.completed == 2
+    assert r.cdn_served_over_total == pytest.approx(total / (2 * SIZE))
+    assert r.origin_egress_over_size == pytest.approx(total / SIZE)
+    tau = PIECE / B
+    assert r.t_star == pytest.approx(SIZE / B)
+    assert r.t_star <= r.makespan <= r.t_star + 4 * tau
+
+
+@pytest.mark.parametrize("peers", [3, 7, 20])
+def test_every_piece_leaves_the_cdn_once_and_no_run_beats_the_bound(peers: int) -> None:
+    """In any swarm the CDN serves each piece exactly once (it never serves a piece a peer
+    holds or is fetching from it), and the makespan is never below T*."""
+    r = run_simulation(peers=peers, size=SIZE, piece_size=PIECE, peer_rate=B, origin_rate=2 * B, join_window=0.1)
+    assert r.completed == peers
+    assert r.cdn_served_over_total == pytest.approx(slice_bytes(SIZE, PIECE) / (peers * SIZE))
+    assert r.makespan >= t_star(peers, SIZE, B, 2 * B)
+    assert r.p50 <= r.p99 <= r.makespan
+    assert r.assignments == peers * Layout(SIZE, PIECE).count
+
+
+def test_t_star_takes_the_tightest_bound() -> None:
+    """T* is the largest of the origin's time, one peer's time and the swarm's total upload time."""
+    assert t_star(1, 100, 10.0, 5.0) == pytest.approx(20.0)
+    assert t_star(1, 100, 5.0, 10.0) == pytest.approx(20.0)
+    # Many peers, weak origin: S/B_origin dominates; strong origin: S/B_peer.
+    assert t_star(1000, 100, 10.0, 1.0) == pytest.approx(100.0)
+    assert t_star(1000, 100, 10.0, 1000.0) == pytest.approx(10.0)
+
+
+class CountingScheduler(Scheduler):
+    """The real scheduler, counting the calls it gets."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.calls: dict[str, int] = {}
+        self.assigned: list[Assignment] = []
+
+    def _count(self, name: str, out: list[Assignment]) -> list[Assignment]:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        self.assigned.extend(out)
+        return out
+
+    def join(self, *a: Any, **kw: Any) -> list[Assignment]:
+        return self._count("join", super().join(*a, **kw))
+
+    def piece_done(self, *a: Any, **kw: Any) -> list[Assignment]:
+        return self._count("piece_done", super().piece_done(*a, **kw))
+
+    def cdn_piece_ready(self, *a: Any, **kw: Any) -> list[Assignment]:
+        return self._count("cdn_piece_ready", super().cdn_piece_ready(*a, **kw))
+
+    def cdn_finished(self, *a: Any, **kw: Any) -> list[Assignment]:
+        return self._count("cdn_finished", super().cdn_finished(*a, **kw))
+
+
+def test_the_simulator_drives_the_supernode_scheduler() -> None:
+    """The simulator's scheduler is dfly.supernode.scheduler's, and every assignment the
+    simulator carries out is one the scheduler made: one join per peer, one done per piece
+    per peer, one ready per piece, and every peer ends up holding the whole file."""
+    assert sim.Scheduler is scheduler_module.Scheduler
+    peers, count = 5, Layout(SIZE, PIECE).count
+    s = CountingScheduler(down_limit=2, up_limit=1, cdn_limit=1)
+    r = run_simulation(peers=peers, size=SIZE, piece_size=PIECE, peer_rate=B, origin_rate=B, scheduler=s)
+    assert s.calls == {"join": peers, "cdn_piece_ready": count, "cdn_finished": 1, "piece_done": peers * count}
+    assert r.scheduler_calls == sum(s.calls.values())
+    assert len(s.assigned) == r.assignments == peers * count
+    assert {(a.peer, a.piece) for a in s.assigned} == {(f"peer{i:05d}", n) for i in range(peers) for n in range(count)}
+    task = s.tasks[sim.TASK]
+    assert all(len(m.has) == count and not m.running for m in task.members.values())
+
+
+def test_command_line_prints_one_json_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """python -m dfly.devtools.sim --json prints one line of JSON with the figures and exits 0."""
+    assert sim.main(["--peers", "4", "--size", "32M", "--piece-size", "4", "--peer-rate", "800Mbit", "--json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1
+    got = json.loads(lines[0])
+    assert got["peers"] == 4 and got["size"] == 32 * MIB and got["piece_size"] == 4 * MIB
+    assert got["peer_rate"] == pytest.approx(100e6)
+    for key in ("makespan", "p50", "p99", "t_star", "makespan_over_t_star", "origin_egress_over_size",
+                "cdn_served_over_total", "scheduler_calls", "scheduler_cpu", "scheduler_cpu_per_sim_second"):
+        assert key in got
+    assert got["completed"] == 4
+
+
+def test_command_line_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
+    """Bad sizes or piece sizes get a one-line error and exit status 2, not a traceback."""
+    assert sim.main(["--peers", "2", "--size", "lots"]) == 2
+    assert "size" in capsys.readouterr().err
+    assert sim.main(["--peers", "2", "--size", "8M", "--piece-size", "40"]) == 2
+    assert "piece size" in capsys.readouterr().err
+    assert sim.main(["--peers", "0", "--size", "8M"]) == 2
