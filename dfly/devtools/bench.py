@@ -584,8 +584,47 @@ def run_single_builtin(cfg: Config, log: Callable[[str], None]) -> dict[str, Any
     return result
 
 
+def single_module_available() -> bool:
+    return importlib.util.find_spec("dfly.devtools.single") is not None
+
+
+def run_single_module(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
+    """The same measurement through C{python -m dfly.devtools.single --json}, in our result's shape."""
+    workdir = os.path.join(cfg.workdir, "single")
+    argv = [sys.executable, "-m", "dfly.devtools.single", "--size", str(cfg.single_size), "--rounds",
+            str(cfg.rounds), "--workdir", workdir, "--json"]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if r.returncode != 0:
+        raise BenchError(f"dfly.devtools.single exited {r.returncode}: {r.stderr.strip()[-500:]}")
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    med = out["median"]
+    size = int(out["size"])
+    result: dict[str, Any] = {"size": size, "source": "dfly.devtools.single", "rounds": out.get("rounds")}
+    for label in ("curl", "cold", "warm"):
+        result[f"{label}_seconds"] = float(med[f"{label}_s"])
+        result[f"{label}_mib_s"] = size / MiB / result[f"{label}_seconds"]
+    for label in ("cold", "warm"):
+        result[f"{label}_vs_curl"] = float(med[f"{label}_vs_curl"])
+        last_round = (out.get("rounds") or [{}])[-1]
+        result[f"{label}_from_peers"] = last_round.get(f"{label}_from_peers")
+        result[f"{label}_from_supernode"] = None
+    result["peer_vmhwm_kib"] = {"peers (max)": int(out["peer_vmhwm_kib_max"])}
+    result["peer_vmhwm_max_kib"] = int(out["peer_vmhwm_kib_max"])
+    result["supernode_vmhwm_kib"] = int(out["supernode_vmhwm_kib_max"])
+    result["cpu_seconds"] = {k: v for k, v in med.items() if "_cpu_" in k}
+    return result
+
+
 def run_single(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
     log(f"single client: {cfg.single_size / MiB:.0f} MiB, curl vs cold and warm dfget ...")
+    if single_module_available():
+        try:
+            return run_single_module(cfg, log)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            log(f"  dfly.devtools.single gave no usable result ({e!r}); measuring here instead")
     return run_single_builtin(cfg, log)
 
 

@@ -115,9 +115,13 @@ def single_rows(single: dict[str, Any] | None) -> list[list[str]]:
         rows.append([
             f"dfget {label}", f"{single[f'{label}_seconds']:.2f}", f"{single[f'{label}_mib_s']:.0f}",
             f"{single[f'{label}_vs_curl']:.2f}",
-            f"{(single.get(f'{label}_from_supernode') or 0) / MiB:.0f}", f"{(single.get(f'{label}_from_peers') or 0) / MiB:.0f}",
+            _mib(single.get(f"{label}_from_supernode")), _mib(single.get(f"{label}_from_peers")),
         ])
     return rows
+
+
+def _mib(value: Any) -> str:
+    return "-" if value is None else f"{value / MiB:.0f}"
 
 
 SIM_HEADERS = ["peers", "makespan/T*", "origin/S", "scheduler CPU s per simulated s", "wall (s)"]
