@@ -52,7 +52,7 @@ def test_supernode_defaults() -> None:
     assert opts["port"] == "tcp:8002"
     assert opts["api"] == "tcp:8001:interface=127.0.0.1"
     assert opts["piece-size"] is None
-    assert (opts["cdn-limit"], opts["up-limit"], opts["down-limit"]) == (4, 2, 2)
+    assert (opts["cdn-limit"], opts["up-limit"], opts["down-limit"]) == (4, 1, 1)
     assert (opts["blacklist-limit"], opts["isolation-limit"]) == (3, 5)
     assert opts["origin-timeout"] == 60.0
     assert opts["ready-file"] is None

@@ -182,7 +182,7 @@ def test_down_limit_caps_running_pieces() -> None:
 
 def test_no_assignment_for_pieces_held_or_unavailable() -> None:
     """Pieces a peer already has, and pieces the CDN has not written, are never assigned."""
-    s = setup(3)
+    s = setup(3, down_limit=4)
     got = s.join(T, "b", has=[0, 2])
     assert pairs(got) == {("b", 1, CDN)}
     s.join(T, "h", has=[0, 1, 2, 5, 6], seeding_only=True)
@@ -372,7 +372,7 @@ def test_second_failure_report_is_stale() -> None:
 
 def test_peer_gone_releases_and_reassigns() -> None:
     """peer_gone frees the gone peer's CDN fetch and re-sources pieces others were fetching from it."""
-    s = setup(2)
+    s = setup(2, down_limit=4)
     got_a = s.join(T, "a", has=[0])
     assert pairs(got_a) == {("a", 1, CDN)}
     got_b = s.join(T, "b")
@@ -420,7 +420,7 @@ def test_leave_withdraws_uploads() -> None:
 
 def test_cdn_failed_and_reset() -> None:
     """After cdn_failed nothing is assigned; remove_task forgets the task and releases upload loads."""
-    s = setup(2, up_limit=10)
+    s = setup(2, up_limit=10, down_limit=4)
     s.join(T, "h", has=[0, 1], seeding_only=True)
     s.join(T, "b")
     assert s.peers["h"].uploads == 2

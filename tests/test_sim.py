@@ -25,14 +25,28 @@ def slice_bytes(size: int, piece: int) -> int:
 
 
 def test_one_peer_fast_origin_is_limited_by_its_download_link() -> None:
-    """One peer, an origin 100 times faster: the peer's link is busy from the first piece on,
-    so the time is the first piece's arrival + one request latency + all slices / B_peer."""
+    """One peer, an origin 100 times faster, four downloads at once: the peer's link is busy
+    from the first piece on (another download runs while one waits for its request), so the
+    time is the first piece's arrival + one request latency + all slices / B_peer."""
     latency = 0.002
-    r = run_simulation(peers=1, size=SIZE, piece_size=PIECE, peer_rate=B, origin_rate=100 * B, latency=latency)
+    r = run_simulation(
+        peers=1, size=SIZE, piece_size=PIECE, peer_rate=B, origin_rate=100 * B, latency=latency,
+        scheduler=Scheduler(down_limit=4),
+    )
     expected = PIECE / (100 * B) + latency + slice_bytes(SIZE, PIECE) / B
     assert r.completed == 1
     assert r.makespan == pytest.approx(expected, rel=0.01)
     assert r.cdn_served_over_total == pytest.approx(slice_bytes(SIZE, PIECE) / SIZE)
+
+
+def test_one_peer_one_download_at_a_time_pays_every_request_latency() -> None:
+    """With the default single download slot the link idles for one request latency before
+    each piece: first arrival + pieces x latency + all slices / B_peer."""
+    latency = 0.004
+    r = run_simulation(peers=1, size=SIZE, piece_size=PIECE, peer_rate=B, origin_rate=100 * B, latency=latency)
+    count = Layout(SIZE, PIECE).count
+    expected = PIECE / (100 * B) + count * latency + slice_bytes(SIZE, PIECE) / B
+    assert r.makespan == pytest.approx(expected, rel=0.002)
 
 
 def test_one_peer_slow_origin_is_limited_by_the_origin() -> None:
@@ -40,7 +54,10 @@ def test_one_peer_slow_origin_is_limited_by_the_origin() -> None:
     the first piece's arrival on and never runs dry (no piece is larger than the first), so the
     time is the first slice's arrival + one request latency + all slices / B_origin."""
     latency = 0.001
-    r = run_simulation(peers=1, size=SIZE, piece_size=PIECE, peer_rate=100 * B, origin_rate=B, latency=latency)
+    r = run_simulation(
+        peers=1, size=SIZE, piece_size=PIECE, peer_rate=100 * B, origin_rate=B, latency=latency,
+        scheduler=Scheduler(down_limit=4),
+    )
     first = Layout(SIZE, PIECE).slice_len(0) / B
     assert r.makespan == pytest.approx(first + latency + slice_bytes(SIZE, PIECE) / B, rel=0.01)
     assert r.makespan >= r.t_star
@@ -54,7 +71,7 @@ def test_two_peers_share_the_work_and_take_each_piece_from_the_cdn_once() -> Non
     total = slice_bytes(SIZE, PIECE)
     assert r.completed == 2
     assert r.cdn_served_over_total == pytest.approx(total / (2 * SIZE))
-    assert r.origin_egress_over_size == pytest.approx(total / SIZE)
+    assert r.origin_egress_over_size == 1.0
     tau = PIECE / B
     assert r.t_star == pytest.approx(SIZE / B)
     assert r.t_star <= r.makespan <= r.t_star + 4 * tau

@@ -34,7 +34,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 
 from dfly.errors import BadControlMessage, PieceUnavailable
 from dfly.pieces import MIB, OVERHEAD, TAIL, SliceHeader, wrap
-from dfly.supernode.scheduler import CDN
+from dfly.supernode.scheduler import CDN, Scheduler
 from dfly.supernode.service import PROTOCOL_VERSION, Supernode, SupernodeSession
 from dfly.urls import task_id_for
 from dfly.wire.framing import encode_control
@@ -64,7 +64,9 @@ def env(tmp_path: Any) -> Iterator[Env]:
     clock = MemoryReactorClock()
     http = FakeHttp()
     home = str(tmp_path / "home")
-    node = Supernode(clock, http, home, piece_size=P)
+    # Limits with room for several pieces per peer at once, so that one event shows many
+    # assignments (the defaults allow one download and one upload per peer).
+    node = Supernode(clock, http, home, scheduler=Scheduler(down_limit=4, up_limit=5), piece_size=P)
     yield Env(clock, http, node, home)
     _close_tasks(node)
 
@@ -358,7 +360,6 @@ def test_origin_timeout_cancels_request(env: Env) -> None:
 def test_lost_peer_dropped_and_work_reoffered(env: Env) -> None:
     """When a peer's connection is lost it leaves the scheduler's members and the session
     table, and pieces it was fetching from the CDN are offered to the remaining peer."""
-    env.node.scheduler.down_limit = 4  # room for p2 to take over all of p1's pieces at once
     s1, w1 = connect(env.node, "p1")
     s2, w2 = connect(env.node, "p2")
     register(s1)
