@@ -596,7 +596,8 @@ def run_single_module(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]
     try:
         r = subprocess.run(argv, capture_output=True, text=True, timeout=900)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        # Its data file under files/ is kept for the next run, like ours.
+        shutil.rmtree(os.path.join(workdir, "swarm"), ignore_errors=True)
     if r.returncode != 0:
         raise BenchError(f"dfly.devtools.single exited {r.returncode}: {r.stderr.strip()[-500:]}")
     out = json.loads(r.stdout.strip().splitlines()[-1])
