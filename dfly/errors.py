@@ -63,3 +63,11 @@ class NoSupernode(DflyError):
 
 class DownloadTimeout(DflyError):
     """A download did not finish within the time it was given."""
+
+
+class BencodeError(DflyError):
+    """Bytes that are not one well-formed bencoded value (benchmark tracker and torrents)."""
+
+
+class BenchError(DflyError):
+    """A benchmark run could not set up or measure what it was asked to."""

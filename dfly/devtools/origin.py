@@ -4,7 +4,9 @@ Serves the files of one directory.  C{GET /NAME} answers with Content-Length;
 C{GET /chunked/NAME} answers chunked with no Content-Length; query strings
 are ignored.  C{GET /_stats} returns JSON: bytes of body sent and requests
 per file name.  Bodies are streamed with a producer, never read whole; with
-C{--rate} every response is paced to that many bytes per second.
+C{--rate} every response is paced to that many bytes per second; with
+C{--total-rate} all responses together share that many bytes per second (one
+schedule of send slots, taken in turn, so concurrent clients split it evenly).
 
 Registry-like mode (C{--registry-like}): C{GET}/C{HEAD} of
 C{/v2/<name>/blobs/sha256:<hex>} serve the file named C{sha256:<hex>} with the
@@ -39,6 +41,18 @@ CHUNK = 256 * 1024
 BLOB = re.compile(r"^v2/.+/blobs/(sha256:[0-9a-f]{64})$")
 
 
+class Pace:
+    """A schedule of send slots at C{rate} bytes/s: one per response, or shared by all."""
+
+    def __init__(self, rate: float, now: float) -> None:
+        self.rate = rate
+        self.next_at = now
+
+    @property
+    def chunk(self) -> int:
+        return max(1024, min(CHUNK, int(self.rate / 20)))
+
+
 class _Body:
     """Streams C{length} bytes of a file from C{offset}; optionally paced or faulty.
 
@@ -59,6 +73,7 @@ class _Body:
         rate: float | None,
         clock: Any,
         fault: str | None = None,
+        pace: Pace | None = None,
     ) -> None:
         self.request = request
         self.f = open(path, "rb")
@@ -69,15 +84,17 @@ class _Body:
         self.stats = stats
         self.name = name
         self.clock = clock
-        self.rate = rate
-        self.chunk = max(1024, min(CHUNK, int(rate / 20))) if rate else CHUNK
-        self.interval = self.chunk / rate if rate else 0.0
-        self.next_at = clock.seconds() if clock else 0.0
+        if pace is None and rate:
+            pace = Pace(rate, clock.seconds())
+        self.pace = pace
+        self.rate = pace.rate if pace else None
+        self.chunk = pace.chunk if pace else CHUNK
+        self.interval = self.chunk / pace.rate if pace else 0.0
         self.call: Any = None
         self.paused = False
         self.done = False
         request.notifyFinish().addBoth(lambda _: self._close())
-        if rate:
+        if self.pace:
             alsoProvides(self, IPushProducer)
             request.registerProducer(self, True)
             self._schedule()
@@ -106,8 +123,8 @@ class _Body:
         self.stats["bytes"][self.name] = self.stats["bytes"].get(self.name, 0) + len(data)
         self.stats["total_bytes"] += len(data)
         self.request.write(data)
-        if self.rate:
-            self.next_at = max(self.next_at + self.interval, self.clock.seconds())
+        if self.pace:
+            self.pace.next_at = max(self.pace.next_at + self.interval, self.clock.seconds())
             self._schedule()
 
     def _tick(self) -> None:
@@ -115,8 +132,8 @@ class _Body:
         self._send()
 
     def _schedule(self) -> None:
-        if not self.done and self.call is None and not self.paused:
-            delay = max(0.0, self.next_at - self.clock.seconds())
+        if not self.done and self.call is None and not self.paused and self.pace:
+            delay = max(0.0, self.pace.next_at - self.clock.seconds())
             self.call = self.clock.callLater(delay, self._tick)
 
     def pauseProducing(self) -> None:
@@ -187,8 +204,10 @@ class Origin(Resource):
         auth: str | None = None,
         registry_like: bool = False,
         redirect_to: str | None = None,
+        total_rate: float | None = None,
     ) -> None:
         super().__init__()
+        self.shared = Pace(total_rate, clock.seconds()) if total_rate else None
         self.auth = auth
         self.registry_like = registry_like
         self.redirect_to = redirect_to.rstrip("/") if redirect_to else None
@@ -274,7 +293,7 @@ class Origin(Resource):
             return NOT_DONE_YET
         if not chunked:
             request.setHeader(b"content-length", str(length).encode())
-        _Body(request, path, self.stats, name, offset, length, self.rate, self.clock, fault)
+        _Body(request, path, self.stats, name, offset, length, self.rate, self.clock, fault, self.shared)
         return NOT_DONE_YET
 
     def _seen(self, request: Request, name: str) -> None:
@@ -300,6 +319,7 @@ class Options(usage.Options):
         ["port", None, "tcp:0:interface=127.0.0.1", "Endpoint to listen on."],
         ["port-file", None, None, "Write the port number here once listening."],
         ["rate", None, None, "Pace every response to this many bytes/s (K, M, G suffixes)."],
+        ["total-rate", None, None, "Pace all responses together to this many bytes/s (K, M, G suffixes)."],
         ["auth", None, None, "Answer 401 unless the request has 'Authorization: Bearer AUTH'."],
         ["redirect-to", None, None, "Base URL /redirect/NAME (and registry-like blobs) redirect to."],
     ]
@@ -323,7 +343,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"origin serving {opts['dir']} on port {number}", flush=True)
 
     rate = parse_rate(opts["rate"]) if opts["rate"] else None
-    d = serverFromString(reactor, opts["port"]).listen(Site(Origin(opts["dir"], rate, reactor, opts["auth"], opts["registry-like"], opts["redirect-to"])))
+    total = parse_rate(opts["total-rate"]) if opts["total-rate"] else None
+    origin = Origin(
+        opts["dir"], rate, reactor, opts["auth"], opts["registry-like"], opts["redirect-to"], total_rate=total
+    )
+    d = serverFromString(reactor, opts["port"]).listen(Site(origin))
     d.addCallback(listening)
     def failed(f: Any) -> None:
         print(f"origin: {f.getErrorMessage()}", file=sys.stderr)

@@ -168,28 +168,49 @@ class Swarm:
         assert self.supernode_info is not None
         return f"127.0.0.1:{self.supernode_info['port']}"
 
+    def _peer_argv(self, name: str, *extra: str, proxy: str | None = None) -> list[str]:
+        return [
+            tool("twistd"), "-n", "--pidfile=", "-l", "-", "dfly-peer",
+            "--supernode", self.supernode_address, "--port", "tcp:0:interface=127.0.0.1",
+            "--home", os.path.join(self.root, name),
+            "--ready-file", os.path.join(self.root, f"{name}.ready"), "--proxy", proxy or "none", *extra,
+        ]
+
     def start_peer(self, name: str, *extra: str, proxy: str | None = None) -> Proc:
         """Start peer daemon C{name}; with C{proxy} (an endpoint string, e.g.
         C{"tcp:0:interface=127.0.0.1"}) its HTTP proxy listens there and C{info["proxy"]} is
         its port, else the proxy is off.  C{extra} may add proxy options (C{--registry} ...)."""
-        home = os.path.join(self.root, name)
         ready = os.path.join(self.root, f"{name}.ready")
-        proc = self.spawn(
-            name,
-            [
-                tool("twistd"), "-n", "--pidfile=", "-l", "-", "dfly-peer",
-                "--supernode", self.supernode_address, "--port", "tcp:0:interface=127.0.0.1",
-                "--home", home, "--ready-file", ready, "--proxy", proxy or "none", *extra,
-            ],
-            ready,
-        )
-        proc.info["home"] = home
+        proc = self.spawn(name, self._peer_argv(name, *extra, proxy=proxy), ready)
+        proc.info["home"] = os.path.join(self.root, name)
         self.peers[name] = proc
         return proc
 
     def proxy_url(self, peer: str) -> str:
         """Base URL of a peer's proxy (started with C{proxy=...})."""
         return f"http://127.0.0.1:{self.peers[peer].info['proxy']}"
+    def start_peers(self, names: list[str], *extra: str, timeout: float = 60.0) -> list[Proc]:
+        """Start several peer daemons at once and wait until every one listens."""
+        procs = []
+        for name in names:
+            ready = os.path.join(self.root, f"{name}.ready")
+            if os.path.exists(ready):
+                os.unlink(ready)
+            procs.append(self.spawn(name, self._peer_argv(name, *extra), None))
+        deadline = time.monotonic() + timeout
+        for name, proc in zip(names, procs, strict=True):
+            ready = os.path.join(self.root, f"{name}.ready")
+            while not os.path.exists(ready):
+                if not proc.alive():
+                    raise SwarmError(f"{name} exited with {proc.popen.returncode}; see {proc.log}:\n{self.tail(proc.log)}")
+                if time.monotonic() > deadline:
+                    raise SwarmError(f"{name} did not start within {timeout:g} s; see {proc.log}")
+                time.sleep(0.02)
+            with open(ready) as f:
+                proc.info = json.load(f)
+            proc.info["home"] = os.path.join(self.root, name)
+            self.peers[name] = proc
+        return procs
 
     # -- using it ----------------------------------------------------------
     def dfget_argv(self, url: str, output: str, *extra: str, peer: str | None = None) -> list[str]:
@@ -232,9 +253,22 @@ class Swarm:
         raise SwarmError(f"no task for {url_suffix}")
 
     def close(self) -> dict[str, int | None]:
-        codes = {}
+        """Stop every process: SIGTERM to all at once, then wait (SIGKILL after 10 s)."""
         for proc in reversed(self.procs):
-            codes[proc.name] = proc.stop()
+            if proc.alive():
+                try:
+                    proc.popen.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        codes = {}
+        deadline = time.monotonic() + 10.0
+        for proc in reversed(self.procs):
+            try:
+                proc.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+                proc.popen.wait(5)
+            codes[proc.name] = proc.popen.returncode
         self.procs.clear()
         return codes
 
