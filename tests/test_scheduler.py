@@ -617,3 +617,16 @@ def test_end_game_last_piece_doubles_its_holders_every_round() -> None:
     assert holders == [1, 2, 4, 8, 16, 32, 64]
     assert rounds == 7
     assert all(Scheduler.member_complete(s.tasks[T], m) for m in s.tasks[T].members.values())
+
+
+def test_waiting_peer_gets_the_freed_cdn_slot_before_the_peer_that_freed_it() -> None:
+    """When a CDN download finishes, a peer that was waiting takes the next CDN piece; the peer
+    that finished does not chain on (else one peer would receive every new piece and have to
+    seed the whole file into the swarm through its own upload slot)."""
+    s = setup(2, cdn_limit=1, down_limit=1, up_limit=1)
+    assert pairs(s.join(T, "a")) == {("a", 0, CDN)}
+    assert s.join(T, "b") == []
+    assert pairs(s.piece_done(T, "a", 0, CDN)) == {("b", 1, CDN)}
+    assert "a" in s.tasks[T].blocked  # a waits for b's piece 1; b, busy, takes piece 0 later
+    assert pairs(s.piece_done(T, "b", 1, CDN)) == {("a", 1, "b"), ("b", 0, "a")}
+    check_invariants(s)

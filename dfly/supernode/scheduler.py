@@ -31,11 +31,14 @@ Incremental design (an event costs about the peers it touches, not the swarm):
 * C{blocked}: members with a free download slot that nothing could fill, and
   C{wanting}: for each piece, the blocked members that lack it.
 
-An event changes some state, then settles: members whose download slot freed
-are filled (member side: their rarest servable piece), and every piece that
-may have gained a usable source -- a new holder, a holder whose upload slot
-freed, a freed CDN slot -- is offered to the blocked members lacking it
-(source side), who are filled by the same member-side rule.  A member is
+An event changes some state, then settles: every piece that may have gained a
+usable source -- a new holder, a holder whose upload slot freed, a freed CDN
+slot -- is first offered to the blocked members lacking it, longest waiting
+first, each filled by the member rule (its rarest servable pieces); then the
+members whose own download slot freed are filled.  Waiting members come first:
+were the peer that just finished a CDN piece to take the next one at once, a
+single peer would receive every new piece and its one upload slot would have
+to seed the whole file into the swarm.  A member is
 blocked only when no piece it lacks has a usable source; any change that
 could end that touches one of the pieces offered, so after each event a full
 pass (L{Scheduler.schedule}) finds nothing more to assign.
@@ -55,8 +58,7 @@ CDN = "cdn"
 # link, so each piece takes longer and a new piece spreads through the swarm more slowly
 # (a holder serving one peer at full rate doubles the holders every piece time).
 # dfly.devtools.sim measures it (README.md, "Scheduling at scale"): 1 GiB, 1 Gbit/s
-# everywhere, makespan / T* for 1 000 peers 1.26 with 1/1, 1.31 with 2/2, 1.60 with 5/4;
-# for 10 000 peers 1.29 with 1/1, 1.40 with 2/2.
+# everywhere, 1 000 peers: makespan / T* = 1.20 with 1/1, 1.25 with 2/2, 1.68 with 5/4.
 DEFAULT_DOWN_LIMIT = 1
 DEFAULT_UP_LIMIT = 1
 DEFAULT_CDN_LIMIT = 4
@@ -345,13 +347,6 @@ class Scheduler:
             task.dirty_sources.clear()
             task.cdn_freed = False
             return
-        # Member side: peers whose download slot freed take their rarest servable piece.
-        while task.to_fill:
-            pid = next(iter(task.to_fill))
-            del task.to_fill[pid]
-            member = members.get(pid)
-            if member is not None:
-                self._fill(task, member, out)
         # Source side: pieces that may have gained a usable source go to blocked members.
         wanting = task.wanting
         offer = task.dirty_pieces & wanting.keys()
@@ -370,8 +365,19 @@ class Scheduler:
                 # than the common rule shows: give them a full look.
                 for pid in [p for p in task.blocked if members[p].avoid or self._isolated(p)]:
                     self._fill(task, members[pid], out)
-        if not offer:
-            return
+        if offer:
+            self._offer(task, offer, out)
+        # Member side: peers whose download slot freed take their rarest servable piece.
+        while task.to_fill:
+            pid = next(iter(task.to_fill))
+            del task.to_fill[pid]
+            member = members.get(pid)
+            if member is not None:
+                self._fill(task, member, out)
+
+    def _offer(self, task: TaskState, offer: set[int], out: list[Assignment]) -> None:
+        """Offer pieces, rarest first, to the blocked members lacking them, longest waiting first."""
+        members, wanting = task.members, task.wanting
         holders, inflight = task.holders, task.inflight
         for piece in sorted(offer, key=lambda p: (len(holders.get(p, ())) + inflight.get(p, 0), p)):
             tried: set[str] = set()
