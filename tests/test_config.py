@@ -400,3 +400,56 @@ def test_exit_code_constants() -> None:
     ) == (4, 5, 6, 7)
     for n, word in [(3, "origin"), (4, "integrity"), (5, "timeout"), (7, "no supernode")]:
         assert f"{n} {word}" in dfget.EPILOG
+
+
+def test_peer_proxy_defaults() -> None:
+    """The proxy listens on 127.0.0.1:65001 by default, with no default registry, the
+    signed-URL parameters filtered and a 5 s fallback."""
+    opts = parse(peer_tap.Options, [])
+    assert opts["proxy"] == "tcp:65001:interface=127.0.0.1"
+    assert opts["registry"] is None and opts["registry-allow"] == [] and opts["p2p-rule"] == []
+    assert "X-Amz-Signature" in opts["filter-param"] and opts["fallback-after"] == 5.0
+
+
+def test_peer_proxy_options() -> None:
+    """--proxy none turns it off; --registry loses its trailing slash; the repeatable
+    options accumulate; --filter-param none clears the defaults before adding."""
+    opts = parse(
+        peer_tap.Options,
+        [
+            "--proxy", "none", "--registry", "http://127.0.0.1:5000/",
+            "--registry-allow", "ghcr.io", "--registry-allow", "http://127.0.0.1:5001",
+            "--p2p-rule", r"\.iso$", "--p2p-rule", "/files/",
+            "--filter-param", "none", "--filter-param", "token",
+            "--fallback-after", "0.5", "--upstream-timeout", "9",
+        ],
+    )
+    assert opts["proxy"] is None and opts["registry"] == "http://127.0.0.1:5000"
+    assert opts["registry-allow"] == ["ghcr.io", "http://127.0.0.1:5001"]
+    assert opts["p2p-rule"] == [r"\.iso$", "/files/"] and opts["filter-param"] == ["token"]
+    assert (opts["fallback-after"], opts["upstream-timeout"]) == (0.5, 9.0)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--registry", "127.0.0.1:5000"],
+        ["--registry-allow", "ftp://x"],
+        ["--p2p-rule", "(unclosed"],
+        ["--fallback-after", "0"],
+        ["--upstream-timeout", "-1"],
+    ],
+)
+def test_peer_bad_proxy_values(argv: list[str]) -> None:
+    """Bad registry URLs, allow-list entries, rules and durations are usage errors."""
+    with pytest.raises(usage.UsageError):
+        parse(peer_tap.Options, argv)
+
+
+def test_peer_proxy_options_documented() -> None:
+    """Every proxy option appears in --help with its explanation."""
+    text = squash(str(peer_tap.Options()))
+    for name in ("--proxy", "--registry", "--registry-allow", "--p2p-rule", "--filter-param",
+                 "--fallback-after", "--upstream-timeout"):
+        assert name in text
+    assert "allow" in text and "Regex" in text

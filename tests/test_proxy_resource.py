@@ -333,9 +333,11 @@ def test_direct_redirect_location_unchanged(env: Env) -> None:
 def test_hop_by_hop_headers_dropped(env: Env) -> None:
     """Connection-scoped and proxy headers never reach the registry."""
     env.get("/v2/lib/app/manifests/x", {b"connection": [b"x-private"], b"x-private": [b"1"],
-                                        b"proxy-authorization": [b"Basic abc"], b"x-keep": [b"yes"]})
+                                        b"proxy-authorization": [b"Basic abc"], b"x-keep": [b"yes"],
+                                        b"expect": [b"100-continue"], b"te": [b"trailers"]})
     headers = env.registry.seen[-1][2]
     assert "x-private" not in headers and "proxy-authorization" not in headers and headers["x-keep"] == ["yes"]
+    assert "expect" not in headers and "te" not in headers
 
 
 def test_connect_is_501(env: Env) -> None:

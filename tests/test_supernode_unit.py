@@ -530,3 +530,46 @@ def test_bad_digest_is_refused(env: Env) -> None:
     (refused,) = w1.ops("refused")
     assert "digest" in refused["reason"]
     assert env.http.requests == []
+
+
+
+@pytest.mark.parametrize("tail_ok", [True, False], ids=["right-tail", "wrong-tail"])
+def test_resumed_digest_task_checks_sha256_of_the_whole_file(tmp_path: Any, tail_ok: bool) -> None:
+    """A digest task cut short after its first piece, resumed by a restarted supernode with
+    a Range request, is checked against the digest over the whole file (the intact prefix
+    is re-hashed from the cache): a right tail makes it done, a wrong tail fails it."""
+    from twisted.internet.error import ConnectionLost
+
+    clock = MemoryReactorClock()
+    home = str(tmp_path / "home")
+    digest = "sha256:" + hashlib.sha256(CONTENT).hexdigest()
+    url = f"http://reg.example/v2/x/blobs/{digest}"
+    tid = digest_task_id(digest)
+    http1 = FakeHttp()
+    first = Supernode(clock, http1, home, piece_size=P)
+    # Like a process killed mid-fetch: nothing is cleaned up after the cut.
+    first.cdn.discard = lambda task: task.close()  # type: ignore[method-assign]
+    sa, _ = connect(first, "pa")
+    register(sa, url=url, digest=digest)
+    cut = FakeResponse(200, [CONTENT[: P - OVERHEAD]], length=len(CONTENT), reason=Failure(ConnectionLost()))
+    http1.respond(0, cut)
+    _close_tasks(first)
+
+    http2 = FakeHttp()
+    second = Supernode(clock, http2, home, piece_size=P)
+    assert second.tasks[tid].state == "partial"
+    sb, wb = connect(second, "pb")
+    register(sb, url=url, digest=digest)
+    (req,) = http2.requests
+    assert req.headers[b"Range"] == [f"bytes={P - OVERHEAD}-".encode()]
+    tail = CONTENT[P - OVERHEAD :] if tail_ok else b"x" * len(CONTENT[P - OVERHEAD :])
+    resumed = FakeResponse(206, [tail])
+    resumed.headers.setRawHeaders(b"content-range", [f"bytes {P - OVERHEAD}-{len(CONTENT) - 1}/{len(CONTENT)}".encode()])
+    http2.respond(0, resumed)
+    if tail_ok:
+        assert second.tasks[tid].state == "done"
+        assert check_cache(Env(clock, http2, second, home), tid, CONTENT)
+    else:
+        (failed,) = wb.ops("task_failed")
+        assert failed["kind"] == "IntegrityError" and tid not in second.tasks
+    _close_tasks(second)

@@ -182,6 +182,11 @@ class BlobStream:
         consumer.registerProducer(self, True)
         self._pump()
 
+    @property
+    def paused(self) -> bool:
+        """Whether the consumer asked us to stop writing for now."""
+        return self._paused
+
     def pauseProducing(self) -> None:
         self._paused = True
 

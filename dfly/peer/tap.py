@@ -184,6 +184,7 @@ class PeerService(ListeningService):
         super().__init__(reactor)
         self._config = config
         self.node: PeerNode | None = None
+        self.proxy: Any = None  # the ProxyResource, when the proxy is on
 
     def listeners(self) -> list[tuple[str, Any]]:
         reactor, config = self._reactor, self._config
@@ -216,10 +217,11 @@ class PeerService(ListeningService):
             (f"unix:{sock}:mode=600", FramedFactory(api_session)),
         ]
         if config["proxy"]:
-            listeners.append((config["proxy"], self.make_proxy_site(node)))
+            self.proxy = self.make_proxy(node)
+            listeners.append((config["proxy"], self.make_proxy_site(self.proxy)))
         return listeners
 
-    def make_proxy_site(self, node: PeerNode) -> Any:
+    def make_proxy_site(self, resource: Any) -> Any:
         """The proxy's site: the resource, plus CONNECT tunnels and hijacks signed by the CA.
 
         (Imported here: dfget reads this module for L{socket_path} and must start fast.)"""
@@ -238,23 +240,25 @@ class PeerService(ListeningService):
                 "proxy CA {state} at {path}; clients of hijacked hosts must trust it",
                 state="created" if created else "found", path=cert_path,
             )
+        # Idle keep-alive connections (hijacked ones included) close after --idle-timeout
+        # (twisted.web suspends the timer while a request is being answered).
         return ProxySite(
-            self.make_proxy(node),
+            resource,
             self._reactor,
             ConnectRules.build(config["hijack"], config["connect-ports"]),
             authority=authority,
             connect_timeout=config["connect-timeout"],
+            timeout=config["idle-timeout"],
         )
 
     def make_proxy(self, node: PeerNode) -> Any:
-        """The proxy resource, with an upstream agent verifying HTTPS (system store or --upstream-ca)."""
+        """The proxy resource, with an upstream agent verifying HTTPS (L{upstream_policy})."""
         from twisted.web.client import RedirectAgent
 
         from dfly.proxy.resource import ProxyResource
-        from dfly.tls import client_tls_policy
 
         config = self._config
-        agent = make_upstream_agent(self._reactor, client_tls_policy(config["upstream-ca"]))
+        agent = make_upstream_agent(self._reactor, self.upstream_policy())
         return ProxyResource(
             self._reactor,
             node,
@@ -267,6 +271,13 @@ class PeerService(ListeningService):
             fallback_after=config["fallback-after"],
             upstream_timeout=config["upstream-timeout"],
         )
+
+    def upstream_policy(self) -> Any:
+        """The C{IPolicyForHTTPS} for the proxy's https upstreams: the system's CAs, or
+        C{--upstream-ca}."""
+        from dfly.tls import client_tls_policy
+
+        return client_tls_policy(self._config["upstream-ca"])
 
     def listening(self, ports: list[Any]) -> None:
         assert self.node is not None

@@ -216,11 +216,11 @@ class SwarmGet:
         self._direct("fallback", f"swarm: {f.getErrorMessage()}")
 
     def _ready(self, stream: BlobStream) -> None:
+        stream.finished.addCallbacks(self._streamed, self._stream_failed)
         if self.gone:
             stream.stopProducing()
             return
         self._stream = stream
-        stream.finished.addCallbacks(self._streamed, self._stream_failed)
         self._pending = stream.first_bytes()
         self._pending.addCallback(lambda _: self._respond(stream))
         self._pending.addErrback(lambda f: f.trap(CancelledError))
@@ -272,7 +272,7 @@ class SwarmGet:
         stream = self._stream
         if stream is None or self.gone:
             return
-        if stream.position == self._progress and not stream._paused:
+        if stream.position == self._progress and not stream.paused:
             stream.abandon(TaskFailed(f"the swarm made no progress for {self.fallback_after:g} s"))
             return
         self._progress = stream.position

@@ -62,8 +62,9 @@ def hop_names(headers: Headers) -> set[bytes]:
 
 def upstream_headers(request: Request, drop: frozenset[bytes] = frozenset()) -> Headers:
     """The client's request headers to send upstream (hop-by-hop, Host and length dropped:
-    the agent writes those for the upstream connection)."""
-    skip = hop_names(request.requestHeaders) | {b"host", b"content-length"} | set(drop)
+    the agent writes those for the upstream connection; C{Expect: 100-continue} was
+    answered by twisted.web already and the body is here)."""
+    skip = hop_names(request.requestHeaders) | {b"host", b"content-length", b"expect"} | set(drop)
     out = Headers()
     for name, values in request.requestHeaders.getAllRawHeaders():
         if name.lower() not in skip:
