@@ -288,7 +288,8 @@ def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
         f"- command: `{cfg['command']}` ({results.get('wall_seconds', 0) / 60:.1f} min)",
         f"- machine: {m.get('cpu', '?')}, {m.get('nproc')} CPUs, {m.get('memory_gib', '?')} GiB memory, "
         f"Linux {m.get('kernel')}, Python {m.get('python')}; load average at the start {' '.join(m.get('loadavg', []))}",
-        "- the machine is shared with other work and noisy: figures move by several percent between runs.",
+        "- the machine is shared with other work and noisy (see the load average, against its CPU count): single runs",
+        "  can differ by tens of percent; use `--rounds 3` for medians when comparing changes.",
         "",
     ]
     for key, note in (results.get("notes") or {}).items():
