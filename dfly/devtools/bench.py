@@ -101,6 +101,7 @@ class Config:
     piece_size: int
     parts: list[str]
     quick: bool
+    keep: bool
     command: str
 
 
@@ -524,7 +525,8 @@ def run_swarms(cfg: Config, log: Callable[[str], None]) -> list[dict[str, Any]]:
                     results.append({"system": system, "n": n, "t_star": tstar, "error": str(e)})
                     break
                 finally:
-                    shutil.rmtree(root, ignore_errors=True)
+                    if not cfg.keep:
+                        shutil.rmtree(root, ignore_errors=True)
                 log(f"  last {run.last.value:.1f} s{' (bound)' if run.last.lower_bound else ''}, "
                     f"p50 {run.p50.value:.1f} s, origin {run.origin_bytes / cfg.size:.2f} x S, "
                     f"{time.monotonic() - started:.0f} s wall")
@@ -673,6 +675,7 @@ def parse_args(argv: list[str] | None) -> Config:
     p.add_argument("--deadline-factor", type=float, default=4.0, help="dfly and aria2c stop at this x T* + 30 s")
     p.add_argument("--http-deadline-factor", type=float, default=1.5, help="plain HTTP stops at this x T* (default 1.5)")
     p.add_argument("--workdir", default="bench-run", help="working directory (default ./bench-run)")
+    p.add_argument("--keep", action="store_true", help="keep each swarm round's logs and outputs under --workdir")
     p.add_argument("--out", default="docs", help="where BENCHMARKS.md and bench/ go (default ./docs)")
     a = p.parse_args(argv)
     peers = a.peers or ("4,8" if a.quick else "4,8,16,32")
@@ -695,6 +698,7 @@ def parse_args(argv: list[str] | None) -> Config:
             piece_size=parse_size(a.piece_size),
             parts=[s.strip() for s in a.parts.split(",") if s.strip()],
             quick=a.quick,
+            keep=a.keep,
             command=" ".join(["scripts/bench", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]),
         )
     except ValueError as e:

@@ -288,7 +288,8 @@ def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
         f"- command: `{cfg['command']}` ({results.get('wall_seconds', 0) / 60:.1f} min)",
         f"- machine: {m.get('cpu', '?')}, {m.get('nproc')} CPUs, {m.get('memory_gib', '?')} GiB memory, "
         f"Linux {m.get('kernel')}, Python {m.get('python')}; load average at the start {' '.join(m.get('loadavg', []))}",
-        "- the machine is shared with other work and noisy: figures move by several percent between runs.",
+        "- the machine is shared with other work and noisy (see the load average, against its CPU count): single runs",
+        "  can differ by tens of percent; use `--rounds 3` for medians when comparing changes.",
         "",
     ]
     for key, note in (results.get("notes") or {}).items():
@@ -324,6 +325,7 @@ def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
         markdown_table(SWARM_HEADERS, swarm_rows(results.get("swarm"))) if results.get("swarm") is not None else "Not run.",
         "",
     ]
+    lines += dfly_breakdown(results)
     single = results.get("single")
     lines += ["## Single client", ""]
     if single and "error" not in single:
@@ -333,6 +335,14 @@ def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
             "daemon (the first holds the file). Throughput is size / wall time of the client process.",
             f"Peak RSS (VmHWM): peer daemons {', '.join(f'{k} {v / 1024:.0f} MiB' for k, v in single['peer_vmhwm_kib'].items())};"
             f" supernode {single['supernode_vmhwm_kib'] / 1024:.0f} MiB.",
+            f"Measured by `{single.get('source', 'dfly.devtools.bench')}`.",
+        ]
+        cpu = single.get("cpu_seconds") or {}
+        for label in ("cold", "warm"):
+            parts = [f"{k.split('_cpu_', 1)[1]} {v:.1f} s" for k, v in sorted(cpu.items()) if k.startswith(f"{label}_cpu_")]
+            if parts:
+                lines.append(f"CPU time of the {label} download: {', '.join(parts)}.")
+        lines += [
             "",
             markdown_table(SINGLE_HEADERS, single_rows(single)),
             "",
@@ -354,6 +364,37 @@ def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
             lines.append(f"![{os.path.splitext(os.path.basename(path))[0]}](bench/{os.path.basename(path)})")
             lines.append("")
     return "\n".join(lines)
+
+
+def dfly_breakdown(results: dict[str, Any]) -> list[str]:
+    """Markdown lines splitting dfly's swarm time: client start and copy, daemon download, CPU."""
+    runs = [r for r in results.get("swarm") or [] if r.get("system") == "dfly" and "error" not in r]
+    rows = []
+    for run in runs:
+        inside = [t for t in run.get("extra", {}).get("dfget_seconds") or [] if t is not None]
+        last = run["last"]["value"]
+        download = max(inside) if inside else None
+        cpu = run.get("cpu_seconds")
+        piece = run.get("extra", {}).get("piece_count")
+        rows.append([
+            str(run["n"]), f"{last:.1f}", "-" if download is None else f"{download:.1f}",
+            "-" if download is None else f"{last - download:.1f}",
+            "-" if cpu is None else f"{cpu:.0f}", "-" if cpu is None else f"{cpu / last:.2f}",
+            "-" if not piece else f"{run['size'] / piece / results['config']['rate']:.2f}",
+        ])
+    if not rows:
+        return []
+    return [
+        "Where dfly's time goes: `download` is the slowest download as its daemon timed it; the rest of `last` is",
+        "starting the `dfget` processes (N Python interpreters at once) and copying each verified file to its output.",
+        "`CPU` is what the supernode and the N daemons used during the round (user + system), `cores` that divided by",
+        "`last` (this machine has " + str(results.get("machine", {}).get("nproc", "?")) + " and shares them);",
+        "`piece/B` is the time one piece takes over one capped link: each hop of a piece (origin → supernode → peer →",
+        "peer ...) waits for the whole piece before passing it on.",
+        "",
+        markdown_table(["N", "last (s)", "download (s)", "client start + copy (s)", "CPU (s)", "cores", "piece/B (s)"], rows),
+        "",
+    ]
 
 
 # -- plots ------------------------------------------------------------------------------------
@@ -482,7 +523,7 @@ def write_plots(results: dict[str, Any], directory: str) -> list[str]:
 
 def _plain_log_ticks(ax: Any, values: list[float]) -> None:
     """Label a log axis with plain numbers (1, 1.5, 2, 3 ...) covering C{values}."""
-    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
     top = max(values) if values else 1.0
     bottom = min(values) if values else 1.0
@@ -490,7 +531,7 @@ def _plain_log_ticks(ax: Any, values: list[float]) -> None:
     ticks = [t for t in candidates if bottom * 0.9 <= t <= top * 1.1] or [1]
     ax.yaxis.set_major_locator(FixedLocator(ticks))
     ax.yaxis.set_minor_locator(NullLocator())
-    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
 
 
 def write_all(results: dict[str, Any], out: str) -> list[str]:
