@@ -51,7 +51,10 @@ def test_damaged_peer_is_reported_and_blacklisted(swarm: Swarm, files: str) -> N
     size = 12 * MIB + 12345
     src = make_file(files, "f.bin", size, seed=7)
     swarm.start_origin(files)
-    swarm.start_supernode("--piece-size", "1", "--blacklist-limit", "2")
+    # Several downloads per peer at once, so that both downloaders try the damaged source
+    # before the healthy copies elsewhere are enough (with one download per peer, one
+    # downloader may never be sent to it and the source fails only once).
+    swarm.start_supernode("--piece-size", "1", "--blacklist-limit", "2", "--up-limit", "5", "--down-limit", "4")
     bad = swarm.start_peer("bad")
     url = swarm.origin_url("f.bin")
     r = swarm.dfget(url, os.path.join(swarm.root, "bad.out"), peer="bad")
