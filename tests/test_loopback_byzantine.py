@@ -94,7 +94,9 @@ def test_liar_is_caught_and_no_wrong_byte_reaches_an_output(swarm: Swarm, files:
     pieces = -(-size // PIECE_DATA)
     src = make_file(files, "f.bin", size, seed=11)
     swarm.start_origin(files)
-    swarm.start_supernode("--piece-size", "1", "--blacklist-limit", "2")
+    # 5/4 limits, like the damaged-peer test: the subject is blacklisting, which needs several
+    # downloaders to be sent to the liar (with the 1/1 defaults one may never be).
+    swarm.start_supernode("--piece-size", "1", "--blacklist-limit", "2", "--up-limit", "5", "--down-limit", "4")
     url = swarm.origin_url("f.bin")
     extra = ("--rate", str(256 * 1024)) if mode == "slow" else ()
     liar = start_liar(swarm, url, mode, *extra)

@@ -211,6 +211,9 @@ class ProxySite(Site):
         return channel
 
 
+TLS_HANDSHAKE = b"\x16"  # first byte of a TLS handshake record (a ClientHello)
+
+
 class ProxyChannel(HTTPChannel):
     """An C{HTTPChannel} that takes C{CONNECT} requests out of HTTP (see the module doc)."""
 
@@ -221,6 +224,19 @@ class ProxyChannel(HTTPChannel):
     _early: list[bytes] | None = None
     _handed_to: Any = None
     _refused = False
+    _started = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._started and data:
+            self._started = True
+            if data[:1] == TLS_HANDSHAKE and self.tunnel_origin is None:
+                # A TLS ClientHello on this plain-HTTP port: clients that try https first
+                # on an "insecure" mirror (Go's registry clients) would otherwise wait for
+                # their handshake timeout (10 s) before trying http; cut them off at once.
+                log.info("TLS handshake on the plain-HTTP proxy port; closed at once")
+                self.transport.abortConnection()
+                return
+        super().dataReceived(data)
 
     def allContentReceived(self) -> None:
         if self._command != b"CONNECT":
