@@ -89,11 +89,29 @@ def check_digest(digest: str) -> str:
     return digest
 
 
-def digest_task_id(digest: str) -> str:
+def digest_task_id(digest: str, scope: str = "") -> str:
     """The task id of content named by its digest: the same blob from any registry or
-    repository, with any credentials, is one task.  (Who may be served it is decided by
-    the peer, which asks the registry with the client's own credentials first.)"""
-    return hashlib.sha256(b"dfly-digest\0" + check_digest(digest).encode()).hexdigest()
+    repository is one task.  Content fetched with credentials is scoped to the origin
+    (C{scheme://host:port}) that served it (see L{digest_scope}), so a request naming
+    another host never joins that task; who may be served it is still decided by the
+    peer, which asks that registry with the client's own credentials first."""
+    key = check_digest(digest) if not scope else f"{check_digest(digest)}\0{scope}"
+    return hashlib.sha256(b"dfly-digest\0" + key.encode()).hexdigest()
+
+
+def digest_scope(url: str, lines: list[str]) -> str:
+    """The scope of a digest task: C{""} (shared by every registry) for a request without
+    credentials, else the URL's origin, C{scheme://host:port}.
+
+    Without this a client could name any host that answers a C{HEAD} with 2xx or 3xx (its
+    own server, or one that redirects everything) and be served a private blob another
+    client fetched from its registry with credentials.  A request without credentials only
+    joins the unscoped task, whose content some origin served without credentials."""
+    if not credential_key(lines):
+        return ""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
 
 
 def parse_header_lines(lines: list[str]) -> list[tuple[str, str]]:

@@ -159,8 +159,10 @@ def test_blob_streams_from_the_swarm_as_pieces_arrive(env: Env) -> None:
     assert env.registry.seen[0][2]["authorization"] == ["Bearer t"]
     req = env.node.requests[0]
     assert req.digest == DIGEST and req.headers == ["Authorization: Bearer t"]
-    env.node.info(TID, len(BLOB), P)
-    env.node.piece(TID, 0, BLOB)
+    tid = req.task_id  # with credentials: scoped to the registry (digest_scope)
+    assert tid == digest_task_id(DIGEST, "http://registry.example:80") != TID
+    env.node.info(tid, len(BLOB), P)
+    env.node.piece(tid, 0, BLOB)
     env.pump()
     (response,) = got
     assert response.code == 200
@@ -170,11 +172,11 @@ def test_blob_streams_from_the_swarm_as_pieces_arrive(env: Env) -> None:
     assert h.getRawHeaders("content-type") == ["application/vnd.oci.image.layer.v1.tar+gzip"]
     body = env.body(response)
     assert body == []
-    count = env.node.downloads[TID].piece_count
+    count = env.node.downloads[tid].piece_count
     assert count is not None
     for n in range(1, count):
-        env.node.piece(TID, n, BLOB)
-    env.node.finish(TID)
+        env.node.piece(tid, n, BLOB)
+    env.node.finish(tid)
     env.pump()
     assert body == [BLOB]
     assert env.registry.gets() == []
@@ -193,17 +195,18 @@ def test_range_request_from_the_swarm(env: Env) -> None:
     assert r.code == 200 and env.body(r) == [BLOB]
 
 
-def env_request() -> Any:
+def env_request(headers: list[str] | None = None) -> Any:
     from dfly.peer.node import DownloadRequest
 
-    return DownloadRequest("http://registry.example" + BLOB_PATH, digest=DIGEST)
+    return DownloadRequest("http://registry.example" + BLOB_PATH, headers=headers or [], digest=DIGEST)
 
 
 def test_refused_head_passes_the_registry_answer(env: Env) -> None:
     """A client the registry refuses gets the registry's own 401 (with WWW-Authenticate and
     body) and no swarm bytes, even when the swarm holds the blob."""
-    env.node.download(env_request())
-    env.node.deliver(TID, BLOB, P)
+    held = env_request(["Authorization: Bearer secret"])
+    env.node.download(held)
+    env.node.deliver(held.task_id, BLOB, P)
     env.registry.token = "secret"
     (r,) = env.get(BLOB_PATH, {b"authorization": [b"Bearer wrong"]})
     assert r.code == 401

@@ -132,6 +132,26 @@ def test_default_filter_params_drop_signatures() -> None:
     assert filter_url(az, DEFAULT_FILTER_PARAMS) == "https://acct.blob.example/c/o"
 
 
+def test_digest_task_id_is_scoped_to_the_origin_only_with_credentials() -> None:
+    """Without credentials a digest names one task whatever the registry; with credentials
+    the task is scoped to the origin (scheme, host, port: default ports normalised), so a
+    request naming another host never joins a task fetched with credentials."""
+    from dfly.urls import digest_scope
+
+    d = "sha256:" + "ab" * 32
+    auth = ["Authorization: Basic YTpi"]
+    assert digest_scope("http://a.example/v2/x/blobs/" + d, []) == ""
+    assert digest_scope("https://A.example/v2/x/blobs/" + d, auth) == "https://a.example:443"
+    assert digest_scope("https://a.example:443/v2/y/blobs/" + d, ["Cookie: c"]) == "https://a.example:443"
+    assert digest_scope("http://a.example:5000/v2/x/blobs/" + d, auth) == "http://a.example:5000"
+    shared = digest_task_id(d)
+    assert digest_task_id(d, digest_scope("http://a.example/v2/x/blobs/" + d, [])) == shared
+    a = digest_task_id(d, digest_scope("https://a.example/v2/x/blobs/" + d, auth))
+    b = digest_task_id(d, digest_scope("https://b.example/v2/x/blobs/" + d, auth))
+    assert len({shared, a, b}) == 3
+    assert a == digest_task_id(d, digest_scope("https://a.example/v2/other/blobs/" + d, ["Authorization: Bearer t"]))
+
+
 def test_digest_task_id() -> None:
     """The task id of a blob depends on its digest only; a malformed digest is refused."""
     assert digest_task_id(D) == digest_task_id(D)

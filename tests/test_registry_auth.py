@@ -11,6 +11,7 @@ htpasswd (bcrypt) and one TLS with token auth backed by L{dfly.devtools.tokenser
 from __future__ import annotations
 
 import hashlib
+import http.client as http_client
 import json
 import os
 import urllib.request
@@ -179,6 +180,40 @@ def test_htpasswd_blob_needs_the_clients_own_credentials(htp_env: SimpleNamespac
     assert p.returncode == 0, p.stderr
     check_dir_blobs(out, small_image)
     assert not [g for g in env.htp.egress()["blob_gets"] if g[3].startswith("skopeo")], "skopeo went to the registry"
+
+
+def swarm_answer(url: str, headers: dict[str, str] | None, proxy: str) -> bytes | None:
+    """The body a client gets through C{proxy}, or None when its connection was cut."""
+    try:
+        return http(url, headers, proxy=proxy)[2]
+    except (OSError, http_client.HTTPException):
+        return None
+
+
+def test_another_host_never_unlocks_a_private_blob(htp_env: SimpleNamespace, small_image: Image) -> None:
+    """Once the swarm holds a private blob (alice pulled it with her password), a client
+    naming another host for the same digest through the forward proxy - a server that
+    answers every HEAD with 200 and serves other bytes under that digest - gets none of the
+    blob: not without credentials, not with made-up ones, on either peer.  (A digest task
+    fetched with credentials is scoped to the registry that served it.)"""
+    env = htp_env
+    blob = max(small_image.layers, key=lambda b: b.size)
+    path = f"/v2/{REPO}/blobs/{blob.digest}"
+    forward_b = f"http://127.0.0.1:{env.ports['htp-b']}"
+    assert_blob(http(env.htp.url + path, basic("alice", "alice-secret"), proxy=forward_b), blob)
+
+    fake_dir = os.path.join(env.root, "fake-registry")
+    os.makedirs(fake_dir, exist_ok=True)
+    with open(os.path.join(fake_dir, blob.digest), "wb") as f:
+        f.write(b"x" * blob.size)
+    port = env.swarm.start_origin(fake_dir, "--registry-like")
+    fake = f"http://127.0.0.1:{port}/v2/anything/blobs/{blob.digest}"
+    assert http(fake, method="HEAD")[0] == 200
+    for peer in ("htp-a", "htp-b"):
+        forward = f"http://127.0.0.1:{env.ports[peer]}"
+        for headers in (None, basic("mallory", "x")):
+            body = swarm_answer(fake, headers, forward)
+            assert body is None or hashlib.sha256(body).hexdigest() != blob.hex, (peer, headers)
 
 
 def test_token_blob_needs_a_token_with_access(tok_env: SimpleNamespace, small_image: Image) -> None:

@@ -495,21 +495,36 @@ def test_stats_of_gone_peers_are_dropped(env: Env) -> None:
 # -- content named by its digest ------------------------------------------------------------
 
 
-def test_digest_names_one_task_for_every_url_and_credential(env: Env) -> None:
-    """Registrations with the same digest share one task (one origin GET) whatever the
-    registry, repository or credentials; the first registrant's Authorization is used."""
+def test_digest_names_one_task_per_registry_with_credentials_and_one_without(env: Env) -> None:
+    """Registrations with the same digest share one task (one origin GET): without
+    credentials whatever the registry or repository; with credentials, every client of the
+    same registry (whatever its credentials or repository), the first registrant's
+    Authorization being used - but a registration with credentials naming another registry
+    is another task, so it can never be served what the first registry handed out."""
     digest = "sha256:" + hashlib.sha256(CONTENT).hexdigest()
     s1, w1 = connect(env.node, "p1")
     s2, w2 = connect(env.node, "p2")
+    s3, w3 = connect(env.node, "p3")
     register(s1, url=f"http://reg-a.example/v2/x/blobs/{digest}", headers=["Authorization: Bearer a"], digest=digest)
-    register(s2, url=f"http://reg-b.example/v2/y/blobs/{digest}", headers=["Authorization: Bearer b"], digest=digest)
+    register(s2, url=f"http://reg-a.example/v2/y/blobs/{digest}", headers=["Authorization: Bearer b"], digest=digest)
     assert len(env.http.requests) == 1
     assert env.http.requests[0].headers == {b"Authorization": [b"Bearer a"]}
-    tid = digest_task_id(digest)
+    tid = digest_task_id(digest, "http://reg-a.example:80")
     assert list(env.node.tasks) == [tid]
     assert w1.ops("registered")[0]["task"] == w2.ops("registered")[0]["task"] == tid
     env.http.respond(0, FakeResponse(200, [CONTENT]))
     assert env.node.tasks[tid].state == "done"
+
+    register(s3, url=f"http://reg-b.example/v2/x/blobs/{digest}", headers=["Authorization: Bearer a"], digest=digest)
+    assert len(env.http.requests) == 2 and str(env.http.requests[1].url).startswith("http://reg-b.example/")
+    assert w3.ops("registered")[0]["task"] == digest_task_id(digest, "http://reg-b.example:80") != tid
+
+    s4, w4 = connect(env.node, "p4")
+    s5, w5 = connect(env.node, "p5")
+    register(s4, url=f"http://reg-c.example/v2/x/blobs/{digest}", digest=digest)
+    register(s5, url=f"http://reg-d.example/v2/z/blobs/{digest}", digest=digest)
+    assert len(env.http.requests) == 3
+    assert w4.ops("registered")[0]["task"] == w5.ops("registered")[0]["task"] == digest_task_id(digest)
 
 
 def test_digest_mismatch_fails_the_task(env: Env) -> None:

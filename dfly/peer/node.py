@@ -46,6 +46,7 @@ from dfly.urls import (
     check_digest,
     check_url,
     credential_key,
+    digest_scope,
     digest_task_id,
     filter_url,
     parse_header_lines,
@@ -82,7 +83,7 @@ class DownloadRequest:
     @property
     def task_id(self) -> str:
         if self.digest is not None:
-            return digest_task_id(self.digest)
+            return digest_task_id(self.digest, digest_scope(self.url, self.headers))
         sign = self.md5 or self.identifier or ""
         return task_id_for(filter_url(self.url, self.filters), sign, credential_key(self.headers))
 

@@ -26,6 +26,7 @@ from dfly.supernode.scheduler import CDN, Assignment, Scheduler
 from dfly.urls import (
     check_url,
     credential_key,
+    digest_scope,
     digest_task_id,
     filter_url,
     origin_headers,
@@ -137,7 +138,7 @@ class Supernode:
             md5 = get_md5(msg, "md5") if msg.get("md5") else None
             digest = get_opt_str(msg, "digest", 80)
             if digest is not None:
-                task_id = digest_task_id(digest)
+                task_id = digest_task_id(digest, digest_scope(url, lines))
             else:
                 sign = md5 or get_opt_str(msg, "identifier", 512) or ""
                 task_id = task_id_for(task_url, sign, credential_key(lines))
