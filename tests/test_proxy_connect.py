@@ -342,6 +342,23 @@ def _exchange(h: Harness, tls: MemoryTlsClient, taken: int) -> int:
     return taken
 
 
+def test_tls_client_on_the_plain_port_gets_a_plain_answer_at_once() -> None:
+    """A TLS ClientHello sent straight to the proxy port (skopeo trying https:// on an
+    insecure mirror before http://) gets a plain-text 400 naming http:// and the connection
+    is closed at once, so the client falls back instead of waiting out its handshake timeout;
+    nothing reaches the resource, and later bytes on that connection are not parsed."""
+    h = Harness()
+    tls = MemoryTlsClient(h, "registry.example")
+    assert not tls.handshake()
+    h.feed(tls.outgoing())
+    assert h.client.value().startswith(b"HTTP/1.1 400")
+    assert b"use http://" in h.client.value()
+    assert h.client.disconnecting
+    h.feed(b"GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n")
+    assert not h.resource.seen
+    assert h.client.value().count(b"HTTP/1.1") == 1
+
+
 def test_hijack_with_pipelined_client_hello_and_keep_alive() -> None:
     """CONNECT to a hijacked host sent together with the TLS ClientHello: the proxy answers
     200, completes a handshake with a certificate for that host that the client verifies
