@@ -213,29 +213,6 @@ def test_garbage_after_refusal_is_ignored() -> None:
     assert h.client.value().count(b"HTTP/1.1") == 1
 
 
-class AbortTransport(HalfCloseTransport):
-    """Records an abort."""
-
-    aborted = False
-
-    def abortConnection(self) -> None:
-        self.aborted = True
-
-
-def test_tls_client_hello_on_the_plain_port_is_cut_off_at_once() -> None:
-    """A client that opens TLS on the plain-HTTP proxy port (Go clients try https first on an
-    insecure mirror) has its connection aborted on the first byte, not left waiting for a
-    line end until its handshake timeout; nothing reaches the resource."""
-    h = Harness()
-    h.client = AbortTransport(peerAddress=CLIENT)
-    h.channel = h.site.buildProtocol(CLIENT)
-    h.channel.makeConnection(h.client)
-    h.feed(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
-    assert h.client.aborted
-    assert h.client.value() == b""
-    assert not h.resource.seen
-
-
 def test_plain_proxy_requests_reach_the_resource() -> None:
     """Requests other than CONNECT go to the resource, keep-alive, with no dfly_origin."""
     h = Harness()
@@ -363,6 +340,23 @@ def _exchange(h: Harness, tls: MemoryTlsClient, taken: int) -> int:
         elif not data:
             break
     return taken
+
+
+def test_tls_client_on_the_plain_port_gets_a_plain_answer_at_once() -> None:
+    """A TLS ClientHello sent straight to the proxy port (skopeo trying https:// on an
+    insecure mirror before http://) gets a plain-text 400 naming http:// and the connection
+    is closed at once, so the client falls back instead of waiting out its handshake timeout;
+    nothing reaches the resource, and later bytes on that connection are not parsed."""
+    h = Harness()
+    tls = MemoryTlsClient(h, "registry.example")
+    assert not tls.handshake()
+    h.feed(tls.outgoing())
+    assert h.client.value().startswith(b"HTTP/1.1 400")
+    assert b"use http://" in h.client.value()
+    assert h.client.disconnecting
+    h.feed(b"GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n")
+    assert not h.resource.seen
+    assert h.client.value().count(b"HTTP/1.1") == 1
 
 
 def test_hijack_with_pipelined_client_hello_and_keep_alive() -> None:

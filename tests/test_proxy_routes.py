@@ -112,6 +112,16 @@ def test_blob_digest() -> None:
     assert blob_digest(f"/v3/a/blobs/{D}") is None
 
 
+def test_blob_path_needs_a_canonical_repository_name() -> None:
+    """A blob path whose repository name is not canonical (dot segments, empty segments,
+    percent-escapes, upper case) is not a swarm blob: the registry answers such paths with a
+    301 to the clean path before checking credentials, and the HEAD check takes a 3xx for a
+    yes, so a client without credentials would otherwise get a private blob from the swarm."""
+    assert blob_digest(f"/v2/my-org/app_1/web.v2/blobs/{D}") == D
+    for name in ["x/../secret", "./secret", "/secret", "secret/", "a//b", "a/%2e%2e/b", "Secret", "a-/b", "a b"]:
+        assert blob_digest(f"/v2/{name}/blobs/{D}") is None, name
+
+
 def test_p2p_rules() -> None:
     """Rules are regexes searched in the whole URL; a bad one is a clear error."""
     rules = P2PRules([r"\.tar\.gz$", r"^https://cdn\.example/"])

@@ -73,6 +73,7 @@ DEFAULT_CONNECT_PORTS = frozenset({443})
 CONNECT_TIMEOUT = 30.0
 TUNNEL_IDLE_TIMEOUT = 600.0
 MAX_EARLY_BYTES = 256 * 1024
+TLS_HANDSHAKE_RECORD = b"\x16"  # the first byte of a TLS ClientHello
 
 _HOST = re.compile(r"^(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9._-]{1,253})):(\d{1,5})$")
 
@@ -211,9 +212,6 @@ class ProxySite(Site):
         return channel
 
 
-TLS_HANDSHAKE = b"\x16"  # first byte of a TLS handshake record (a ClientHello)
-
-
 class ProxyChannel(HTTPChannel):
     """An C{HTTPChannel} that takes C{CONNECT} requests out of HTTP (see the module doc)."""
 
@@ -224,17 +222,24 @@ class ProxyChannel(HTTPChannel):
     _early: list[bytes] | None = None
     _handed_to: Any = None
     _refused = False
-    _started = False
+    _first_bytes = True
+    _not_http = False
 
     def dataReceived(self, data: bytes) -> None:
-        if not self._started and data:
-            self._started = True
-            if data[:1] == TLS_HANDSHAKE and self.tunnel_origin is None:
-                # A TLS ClientHello on this plain-HTTP port: clients that try https first
-                # on an "insecure" mirror (Go's registry clients) would otherwise wait for
-                # their handshake timeout (10 s) before trying http; cut them off at once.
-                log.info("TLS handshake on the plain-HTTP proxy port; closed at once")
-                self.transport.abortConnection()
+        if self._not_http:
+            return  # answered and closing: what follows is dropped
+        if self._first_bytes and data:
+            self._first_bytes = False
+            if self.tunnel_origin is None and data.startswith(TLS_HANDSHAKE_RECORD):
+                # A TLS client on this plain-HTTP port (skopeo, podman and CRI-O try https://
+                # first on an insecure mirror): answer in plain text and close now, so the
+                # client moves on to http:// instead of waiting out its handshake timeout.
+                log.info("TLS handshake on the plain-HTTP proxy port from {peer}", peer=self.transport.getPeer())
+                self._not_http = True
+                self.setTimeout(None)
+                reason = "this is a plain-HTTP proxy and registry mirror: use http://, not https://"
+                self.transport.write(_error_response(400, "Bad Request", reason))
+                self.transport.loseConnection()
                 return
         super().dataReceived(data)
 

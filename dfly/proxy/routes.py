@@ -26,7 +26,12 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from dfly.errors import DflyError
 
-BLOB_PATH = re.compile(r"/v2/([^?#\n]+)/blobs/(sha256:[0-9a-f]{64})")
+# A repository name as the distribution spec defines it: lower-case components separated by
+# single slashes.  Anything else (empty, "." or ".." components, percent-escapes) is not a
+# blob path: the registry answers such a path with a redirect to its clean form before any
+# auth check, and that 3xx must not pass for "this client may have the blob".
+_NAME_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+BLOB_PATH = re.compile(rf"/v2/({_NAME_COMPONENT}(?:/{_NAME_COMPONENT})*)/blobs/(sha256:[0-9a-f]{{64}})")
 
 # Query parameters of signed object-storage URLs (S3, GCS, Azure...): they change with every
 # signature but name the same object, so they are not part of a task's identity.
