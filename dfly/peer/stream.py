@@ -327,6 +327,8 @@ class BlobStream:
             self.node.release(self.task_id)
         if self._consumer is not None:
             consumer, self._consumer = self._consumer, None
-            consumer.unregisterProducer()
+            # A twisted.web request whose client is gone has no channel left to unregister from.
+            if getattr(consumer, "channel", True) is not None:
+                consumer.unregisterProducer()
         # The download itself goes on; its result is of no further interest here.
         self._download.addErrback(lambda f: None)
