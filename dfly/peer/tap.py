@@ -76,9 +76,7 @@ class Options(usage.Options):
         self["hijack"] = []
 
     def opt_hijack(self, value: str) -> None:
-        """Regex (searched in HOST:PORT and in HOST) of CONNECT targets whose TLS the proxy
-        intercepts with a certificate from its CA, so their requests are served like any
-        other (repeatable); other targets are tunnelled untouched."""
+        """Regex (searched in HOST:PORT and HOST, repeatable) of CONNECT targets to intercept; others are tunnelled."""
         import re
 
         try:
