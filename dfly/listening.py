@@ -33,7 +33,14 @@ class ListeningService(Service):
 
     def startService(self) -> None:
         super().startService()
-        ds = [serverFromString(self._reactor, ep).listen(factory) for ep, factory in self.listeners()]
+        ds = []
+        for ep, factory in self.listeners():
+            try:
+                endpoint = serverFromString(self._reactor, ep)
+            except (ValueError, TypeError, KeyError) as e:
+                stop_with_error(self._reactor, f"{self.role}: bad listening address {ep!r}: {e}")
+                return
+            ds.append(endpoint.listen(factory))
         DeferredList(ds, consumeErrors=True).addCallback(self._listened)
 
     def _listened(self, results: list[Any]) -> None:
@@ -41,7 +48,7 @@ class ListeningService(Service):
         failures = [r[1] for r in results if not r[0]]
         if failures:
             for f in failures:
-                self._log.failure("cannot listen", failure=f)
+                self._log.error("cannot listen: {reason}", reason=f.getErrorMessage())
             stop_with_error(self._reactor, f"{self.role}: cannot listen: {failures[0].getErrorMessage()}")
             return
         self.listening(self._ports)

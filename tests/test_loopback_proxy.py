@@ -446,3 +446,18 @@ def test_proxy_can_be_turned_off(swarm: Swarm) -> None:
     assert "proxy" not in p.info
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
+
+
+@pytest.mark.parametrize("option", ["--proxy", "--port"])
+def test_bad_listening_address_is_a_one_line_error(tmp_path: Any, option: str) -> None:
+    """A listening address twistd cannot parse makes the peer daemon exit 1 at once with one
+    line naming the option's value, not a traceback."""
+    from dfly.devtools.swarm import tool
+
+    argv = [tool("twistd"), "-n", "--pidfile=", "dfly-peer", "--home", str(tmp_path / "home"),
+            "--port", "tcp:0:interface=127.0.0.1", "--proxy", "none", option, "garbage:1"]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    out = p.stdout + p.stderr
+    assert p.returncode == 1, out
+    assert "bad listening address 'garbage:1'" in out
+    assert "Traceback" not in out
