@@ -613,7 +613,7 @@ def run_single_module(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]
         result[f"{label}_vs_curl"] = float(med[f"{label}_vs_curl"])
         last_round = (out.get("rounds") or [{}])[-1]
         result[f"{label}_from_peers"] = last_round.get(f"{label}_from_peers")
-        result[f"{label}_from_supernode"] = None
+        result[f"{label}_from_supernode"] = last_round.get(f"{label}_from_supernode")
     result["peer_vmhwm_kib"] = {"peers (max)": int(out["peer_vmhwm_kib_max"])}
     result["peer_vmhwm_max_kib"] = int(out["peer_vmhwm_kib_max"])
     result["supernode_vmhwm_kib"] = int(out["supernode_vmhwm_kib_max"])

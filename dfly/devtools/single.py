@@ -134,6 +134,7 @@ def one_round(
             result[f"{label}_s"] = seconds
             result[f"{label}_daemon_s"] = summary.get("seconds")
             result[f"{label}_from_peers"] = summary.get("from_peers")
+            result[f"{label}_from_supernode"] = summary.get("from_supernode")
         result["peer_vmhwm_kib"] = max(proc_kib(p.popen.pid, "VmHWM") for p in peers)
         result["supernode_vmhwm_kib"] = proc_kib(sn.popen.pid, "VmHWM")
     shutil.rmtree(root, ignore_errors=True)
