@@ -263,11 +263,12 @@ test_generated_scripts_localapi = _script_test("localapi")
 def test_fuzzer_core_20k_frames_without_crashes(tmp_path: Any) -> None:
     """The fuzzer's core feeds ~20,000 frames (4,000 per session kind, fixed seed) and sees no
     crash other than the reported dfly bugs, while really exercising the sessions: frames are
-    fed, some connections are closed for protocol errors and some survive to the end."""
+    fed, some connections are closed for protocol errors and some survive to the end.  (The
+    time caps are generous safety nets for a loaded machine, not speed targets.)"""
     unknown: list[str] = []
     for kind in fuzz.KINDS:
         report = fuzz.run_kind(
-            kind, 4000, seed=2024, seconds=60.0, root=str(tmp_path / kind), hang_seconds=10.0, max_memory_mib=2048
+            kind, 4000, seed=2024, seconds=600.0, root=str(tmp_path / kind), hang_seconds=60.0, max_memory_mib=2048
         )
         assert report.frames >= 4000, report
         assert 0 < report.protocol_closes < report.connections, report
