@@ -308,7 +308,8 @@ def test_supernode_down_falls_back_to_the_registry(swarm: Swarm, files: str) -> 
     started = time.monotonic()
     a = get(blob_url(swarm.proxy_url("p1"), "x/y", digest))
     assert a.status == 200 and a.complete and sha(a.body) == digest
-    assert time.monotonic() - started < 10
+    # Well before the 30 s link timeout would have failed the download: the fallback did it.
+    assert time.monotonic() - started < 25
     assert swarm.origin_stats()["requests"][digest] == 1
     assert wait_for(lambda: any("route=fallback status=200" in line for line in proxy_log(swarm, "p1")))
 
