@@ -725,7 +725,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.monotonic() - started:6.1f} s] {msg}", flush=True)
 
     results: dict[str, Any] = {
-        "config": asdict(cfg),
+        # Paths relative to where the bench ran: the results say nothing of the machine's layout.
+        "config": {k: os.path.relpath(v) if k in ("out", "workdir") else v for k, v in asdict(cfg).items()},
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": benchreport.machine_info(),
         "swarm": None, "single": None, "sim": None, "notes": {},
