@@ -12,9 +12,12 @@ from dfly.supernode.scheduler import CDN, Assignment, Scheduler
 T = "task"
 
 
-def setup(n_pieces: int, **limits: int) -> Scheduler:
-    """A scheduler with one task whose first C{n_pieces} pieces the CDN already holds."""
-    s = Scheduler(**limits)
+def setup(n_pieces: int, relay: bool = False, **limits: int) -> Scheduler:
+    """A scheduler with one task whose first C{n_pieces} pieces the CDN already holds.
+
+    Relaying is off unless asked for: most tests here pin the store-and-forward rules
+    (who serves a piece once it is held); relaying has its own tests below."""
+    s = Scheduler(relay=relay, **limits)
     s.add_task(T)
     for p in range(n_pieces):
         assert s.cdn_piece_ready(T, p) == []  # nobody has joined yet
@@ -435,12 +438,14 @@ def test_cdn_failed_and_reset() -> None:
 # -- whole-swarm simulation -----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("relay", [False, True])
 @pytest.mark.parametrize("seed", range(6))
-def test_simulation_swarm(seed: int) -> None:
-    """8 peers, 16 pieces released one by one: everyone completes, and the CDN serves each piece at most once."""
+def test_simulation_swarm(seed: int, relay: bool) -> None:
+    """8 peers, 16 pieces released one by one: everyone completes, and the CDN serves each
+    piece at most once, with or without relays."""
     rng = random.Random(seed)
     n_peers, n_pieces = 8, 16
-    s = Scheduler()
+    s = Scheduler(relay=relay)
     s.add_task(T)
     peers = [f"p{i}" for i in range(n_peers)]
     pending: list[Assignment] = []
@@ -454,7 +459,11 @@ def test_simulation_swarm(seed: int) -> None:
             assert (a.peer, a.piece) not in seen, "a piece was assigned twice to one peer"
             seen.add((a.peer, a.piece))
             assert a.piece in task.available
-            assert a.source == CDN or a.piece in task.members[a.source].has
+            source = task.members.get(a.source)
+            if a.relay:
+                assert relay and source is not None and a.piece in source.relays
+            else:
+                assert a.source == CDN or (source is not None and a.piece in source.has)
             assert a.source != a.peer
         pending.extend(new)
         log.extend(new)
@@ -596,7 +605,7 @@ def test_end_game_last_piece_doubles_its_holders_every_round() -> None:
     so the holders double each round and all 64 finish in 1 + log2(64) rounds -- nobody waits
     for the CDN again, and nobody stays idle while a holder has a free slot."""
     n_peers, n_pieces = 64, 8
-    s = Scheduler(up_limit=1, down_limit=1)
+    s = Scheduler(up_limit=1, down_limit=1, relay=False)
     s.add_task(T)
     for p in range(n_pieces - 1):
         s.cdn_piece_ready(T, p)
@@ -629,4 +638,142 @@ def test_waiting_peer_gets_the_freed_cdn_slot_before_the_peer_that_freed_it() ->
     assert pairs(s.piece_done(T, "a", 0, CDN)) == {("b", 1, CDN)}
     assert "a" in s.tasks[T].blocked  # a waits for b's piece 1; b, busy, takes piece 0 later
     assert pairs(s.piece_done(T, "b", 1, CDN)) == {("a", 1, "b"), ("b", 0, "a")}
+    check_invariants(s)
+
+
+# -- relays: sources still receiving the piece ----------------------------------------------
+
+
+def end_game(n_peers: int, n_pieces: int = 4) -> tuple[Scheduler, list[Assignment]]:
+    """C{n_peers} peers hold everything but the last piece; the CDN just cached it."""
+    s = Scheduler(up_limit=1, down_limit=1)
+    s.add_task(T)
+    for p in range(n_pieces - 1):
+        s.cdn_piece_ready(T, p)
+    s.cdn_finished(T, n_pieces)
+    for i in range(n_peers):
+        assert s.join(T, f"p{i}", has=range(n_pieces - 1)) == []
+    return s, s.cdn_piece_ready(T, n_pieces - 1)
+
+
+def test_end_game_with_relays_is_one_chain_at_once() -> None:
+    """With relays the end game takes one round: the CDN serves the last piece once and, in
+    the same event, every other peer is assigned it from a peer still receiving it -- one
+    chain, each peer uploading to one other, nobody idle -- instead of 1 + log2(N) rounds."""
+    s, running = end_game(64)
+    assert len(running) == 64
+    assert [a.source for a in running if a.source == CDN] == [CDN]
+    assert all(a.relay for a in running if a.source != CDN)
+    check_invariants(s)
+    assert all(peer.uploads <= 1 for peer in s.peers.values())
+    # The chain: following sources from any peer leads back to the CDN without a cycle.
+    source_of = {a.peer: a.source for a in running}
+    for start in source_of:
+        seen, node = set(), start
+        while node != CDN:
+            assert node not in seen
+            seen.add(node)
+            node = source_of[node]
+    # They may finish in any order (each verifies its own copy).
+    for a in reversed(running):
+        assert s.piece_done(T, a.peer, a.piece, a.source) == []
+    assert all(Scheduler.member_complete(s.tasks[T], m) for m in s.tasks[T].members.values())
+    assert all(peer.uploads == 0 for peer in s.peers.values())
+
+
+def test_holder_preferred_over_relay() -> None:
+    """A free holder of the piece is taken before a peer that is still receiving it."""
+    s = setup(1, relay=True, up_limit=1)
+    assert pairs(s.join(T, "a")) == {("a", 0, CDN)}  # a relays 0 from now on
+    (b,) = s.join(T, "b")
+    assert (b.source, b.relay) == ("a", True)
+    s.piece_done(T, "a", 0, CDN)
+    (c,) = s.join(T, "c")  # a holds 0 now but is busy with b; b relays
+    assert (c.source, c.relay) == ("b", True)
+    s.piece_done(T, "b", 0, "a")  # a is free again and holds the piece; so does b (busy)
+    (d,) = s.join(T, "d")
+    assert (d.source, d.relay) == ("a", False)
+    check_invariants(s)
+
+
+def test_failed_relay_withdraws_its_chain_without_blame() -> None:
+    """When a relay's own attempt fails, every download relaying from it, directly or down
+    the chain, is withdrawn at once and reassigned; only the failed attempt's own source is
+    counted against (here the CDN, which nobody blacklists)."""
+    s, running = end_game(4)
+    source_of = {a.peer: a.source for a in running}
+    first = next(p for p, src in source_of.items() if src == CDN)
+    new = s.piece_failed(T, first, 3, CDN)
+    task = s.tasks[T]
+    # The first attempt failed; its relays were withdrawn and the swarm re-planned at once.
+    assert {a.peer for a in new} == {f"p{i}" for i in range(4)}
+    assert [a.source for a in new].count(CDN) == 1
+    for pid, peer in s.peers.items():
+        assert peer.service_errors == 0, pid
+        assert peer.client_errors == (1 if pid == first else 0), pid
+        assert not task.members[pid].avoid
+    # Late reports of the withdrawn downloads are ignored, even where the new assignment
+    # names the same source: the attempt tells them apart.
+    for a in running:
+        if a.peer != first:
+            assert s.piece_failed(T, a.peer, 3, a.source, a.attempt) == []
+    assert all(peer.service_errors == 0 for peer in s.peers.values())
+    check_invariants(s)
+
+
+def test_relayed_failure_is_judged_when_the_relay_finishes() -> None:
+    """A relayed copy that fails while its relay still receives the piece counts against
+    the relay only once the relay verified the piece (its bytes were then its own fault)."""
+    s = setup(1, relay=True, blacklist_limit=10)
+    s.join(T, "a")  # from the CDN
+    (b,) = s.join(T, "b")
+    assert b.relay and b.source == "a"
+    assert s.piece_failed(T, "b", 0, "a") == []  # b avoids a meanwhile: nobody else to ask
+    assert s.peers["a"].service_errors == 0 and s.peers["b"].client_errors == 0
+    assert "a" in s.tasks[T].members["b"].avoid
+    new = s.piece_done(T, "a", 0, CDN)
+    assert s.peers["a"].service_errors == 1 and s.peers["b"].client_errors == 1
+    assert pairs(new) == {("b", 0, CDN)}  # b avoids a: the CDN serves it
+    check_invariants(s)
+
+
+def test_relayed_failure_is_excused_when_the_relay_fails_too() -> None:
+    """A relayed copy that failed because the relay's own attempt failed counts against
+    nobody, and the downloader may use that relay again."""
+    s = setup(1, relay=True, blacklist_limit=10)
+    s.join(T, "a")
+    s.join(T, "b")
+    s.piece_failed(T, "b", 0, "a")  # b's report came first
+    s.piece_failed(T, "a", 0, CDN)  # a's own attempt failed
+    assert s.peers["a"].service_errors == 0 and s.peers["b"].client_errors == 0
+    assert "a" not in s.tasks[T].members["b"].avoid
+    check_invariants(s)
+
+
+def test_departed_relay_withdraws_the_chain() -> None:
+    """A relay that leaves takes its relayed downloads, and theirs, with it: all get new
+    sources at once."""
+    s, running = end_game(4)
+    first = next(a.peer for a in running if a.source == CDN)
+    new = s.peer_gone(first)
+    assert {a.peer for a in new} == {f"p{i}" for i in range(4)} - {first}
+    assert all(peer.service_errors == 0 and peer.client_errors == 0 for peer in s.peers.values())
+    check_invariants(s)
+
+
+def test_blacklisted_and_isolated_peers_do_not_relay() -> None:
+    """A blacklisted peer is nobody's source, a relay included; a peer isolated for its own
+    failures is not offered as a relay either."""
+    s = setup(2, relay=True, blacklist_limit=1, isolation_limit=1, down_limit=1)
+    s.join(T, "bad", has=[0])
+    (x,) = s.join(T, "x")
+    assert x.source == "bad"
+    s.piece_failed(T, "x", 0, "bad")  # bad blacklisted, x isolated (limits of 1)
+    assert s.peers["bad"].blacklisted
+    assert s.peers["x"].client_errors >= 1
+    running = s.tasks[T].members["x"].running
+    assert set(running.values()) <= {CDN}
+    assert not s.tasks[T].members["x"].relays  # isolated: not offered
+    for a in s.join(T, "y"):
+        assert a.source not in ("bad", "x")
     check_invariants(s)

@@ -42,6 +42,10 @@ def check_state(s: Scheduler) -> None:
                     uploads[source] += 1
             for piece in member.has:
                 assert pid in task.holders[piece]
+            assert member.relays <= member.running.keys()
+            assert member.attempts.keys() == member.running.keys()
+            if not s.relay:
+                assert not member.relays
         assert len(cdn) <= s.cdn_limit
         assert task.cdn_inflight == cdn
         assert dict(task.inflight) == dict(inflight)
@@ -58,6 +62,13 @@ def check_state(s: Scheduler) -> None:
                 if peer.uploads < s.up_limit:
                     nfree[piece] += 1
                     assert pid in task.free[piece][peer.uploads]
+        for pid, member in task.members.items():
+            peer = s.peers[pid]
+            if peer.blacklisted or peer.uploads >= s.up_limit:
+                continue
+            for piece in member.relays:
+                nfree[piece] += 1
+                assert pid in task.free[piece][s.up_limit + peer.uploads]
         assert dict(task.good) == dict(good)
         assert dict(task.nfree) == dict(nfree)
         for piece, buckets in task.free.items():
@@ -98,8 +109,17 @@ def check_new(s: Scheduler, new: list[Assignment], before: dict[tuple[str, str],
             if h != a.peer and h not in member.avoid and not s.peers[h].blacklisted
         }
         isolated = s.peers[a.peer].client_errors >= s.isolation_limit
+        relays = {
+            r
+            for r, m in task.members.items()
+            if a.piece in m.relays and r != a.peer and r not in member.avoid and not s.peers[r].blacklisted
+        }
         if a.source == CDN:
+            assert not a.relay
             assert isolated or not usable, "the CDN served a piece a usable peer holds"
+        elif a.relay:
+            assert not isolated and s.relay
+            assert a.source in relays, "relay source does not receive the piece, is avoided or blacklisted"
         else:
             assert not isolated
             assert a.source in usable, "source does not hold the piece, is avoided or blacklisted"
@@ -143,6 +163,7 @@ limits = st.fixed_dictionaries(
         "cdn_limit": st.integers(1, 4),
         "blacklist_limit": st.integers(1, 4),
         "isolation_limit": st.integers(1, 4),
+        "relay": st.booleans(),
     }
 )
 
@@ -160,7 +181,7 @@ def test_random_events_keep_the_rules_and_complete(limits: dict[str, int], n_pie
     for _ in range(draw(st.integers(0, 60))):
         kind = draw(
             st.sampled_from(
-                ["ready", "join", "done", "done", "done", "fail", "leave", "gone", "withdraw", "finish"] * 4
+                ["ready", "join", "done", "done", "done", "fail", "leave", "gone", "withdraw", "finish", "late"] * 4
                 + ["cdn_failed"]
             )
         )
@@ -184,12 +205,25 @@ def test_random_events_keep_the_rules_and_complete(limits: dict[str, int], n_pie
             if not runs:
                 continue
             tid, pid, piece, src = draw(st.sampled_from(runs))
+            # Peers name the attempt they report on (or, like older peers, do not).
+            attempt = s.tasks[tid].members[pid].attempts[piece] if draw(st.booleans()) else None
             if kind == "done":
                 # Now and then the peer names another source than the one on record.
                 named = src if draw(st.integers(0, 9)) else draw(st.sampled_from([*PEERS, CDN]))
-                step(s, s.piece_done, tid, pid, piece, named, ends_downloads=True)
+                step(s, s.piece_done, tid, pid, piece, named, attempt, ends_downloads=True)
             else:
-                step(s, s.piece_failed, tid, pid, piece, src, ends_downloads=True)
+                step(s, s.piece_failed, tid, pid, piece, src, attempt, ends_downloads=True)
+        elif kind == "late":
+            # A failure report of an earlier attempt at a piece running again from the same
+            # source changes nothing.
+            runs = running(s)
+            if not runs:
+                continue
+            tid, pid, piece, src = draw(st.sampled_from(runs))
+            old = s.tasks[tid].members[pid].attempts[piece] - draw(st.integers(1, 5))
+            before = running(s)
+            assert step(s, s.piece_failed, tid, pid, piece, src, old) == []
+            assert running(s) == before
         elif kind == "leave" and task.members:
             pid = draw(st.sampled_from(sorted(task.members)))
             step(s, s.leave, T, pid, ends_downloads=True)

@@ -66,8 +66,10 @@ def env(tmp_path: Any) -> Iterator[Env]:
     http = FakeHttp()
     home = str(tmp_path / "home")
     # Limits with room for several pieces per peer at once, so that one event shows many
-    # assignments (the defaults allow one download and one upload per peer).
-    node = Supernode(clock, http, home, scheduler=Scheduler(down_limit=4, up_limit=5), piece_size=P)
+    # assignments (the defaults allow one download and one upload per peer); store and
+    # forward, so that each assignment's source holds the piece (relays: their own test).
+    scheduler = Scheduler(down_limit=4, up_limit=5, relay=False)
+    node = Supernode(clock, http, home, scheduler=scheduler, piece_size=P)
     yield Env(clock, http, node, home)
     _close_tasks(node)
 
@@ -116,6 +118,36 @@ def check_cache(env: Env, tid: str, content: bytes, piece_size: int = P) -> list
 
 
 # -- registration and the origin fetch ----------------------------------------------------
+
+
+def test_relay_assignments_name_their_attempt_and_late_reports_are_ignored(tmp_path: Any) -> None:
+    """With relays on, a peer may be sent to another peer that is still receiving the piece:
+    that assign says relay: true; every assign carries an attempt number, and a failure
+    report naming an earlier attempt changes nothing (no error counted, nothing withdrawn)."""
+    clock, http = MemoryReactorClock(), FakeHttp()
+    node = Supernode(clock, http, str(tmp_path / "home"), scheduler=Scheduler(), piece_size=P)
+    try:
+        s1, w1 = connect(node, "p1", port=5001, host="192.0.2.1")
+        s2, w2 = connect(node, "p2", port=5002, host="192.0.2.2")
+        register(s1)
+        register(s2)
+        tid = task_id_for(URL)
+        http.respond(0, FakeResponse(200, chunked(CONTENT[: P - 5], 100_000)))  # piece 0 only
+        first, second = (w1, w2) if w1.ops("assign") else (w2, w1)
+        (a1,) = first.ops("assign")
+        (a2,) = second.ops("assign")
+        assert a1["source"] == CDN and "relay" not in a1
+        assert a2["relay"] is True and a2["source"]["port"] in (5001, 5002)
+        assert isinstance(a1["attempt"], int) and a2["attempt"] != a1["attempt"]
+        session2 = s2 if second is w2 else s1
+        source_id = a2["source"]["id"]
+        late = {"op": "fail", "task": tid, "piece": 0, "source": source_id, "reason": "x"}
+        session2.control_received({**late, "attempt": a2["attempt"] + 1000})
+        member = node.scheduler.tasks[tid].members[session2.peer_id or ""]
+        assert member.running == {0: source_id}
+        assert node.scheduler.peers[source_id].service_errors == 0
+    finally:
+        _close_tasks(node)
 
 
 def test_two_peers_one_task_one_origin_request(env: Env) -> None:

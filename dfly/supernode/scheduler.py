@@ -14,6 +14,9 @@ running per peer and task):
 * a source is a peer holding the piece with fewer than C{up_limit} uploads
   running, not blacklisted, not in this peer's own blacklist; the least
   loaded one wins;
+* with relaying on (the default), a peer that is still receiving the piece is
+  a source too (a I{relay}: it streams the bytes on as they arrive; the
+  downloader checks the md5 as always), taken only when no holder is free;
 * the CDN (the supernode itself) serves a piece only when no usable peer
   holds it and nobody is fetching it from the CDN already, and to at most
   C{cdn_limit} peers of a task at once;
@@ -21,10 +24,21 @@ running per peer and task):
   from the CDN only (it is probably the faulty one); a source that fails
   C{blacklist_limit} times in a row is blacklisted for everyone.
 
+Relays remove the store-and-forward delay: without them each hop waits for
+the whole piece, so a new piece needs about log2(N) piece times to reach N
+peers, and the last piece arrives that much after the origin's last byte.  A
+relay's attempt can still fail; then every download relaying from it (and
+from those, recursively) is withdrawn at once and reassigned, with no error
+counted against anyone: the attempt's own failure report blames its source.
+A relayed download that fails while its relay is still receiving is judged
+when the relay's attempt ends: blamed on the relay if the relay verified the
+piece, excused if the relay failed too.
+
 Incremental design (an event costs about the peers it touches, not the swarm):
 
-* per task and piece, the usable holders with a free upload slot, bucketed by
-  their running uploads (C{free}), so the least loaded source is the first
+* per task and piece, the usable sources with a free upload slot, bucketed by
+  their running uploads (C{free}: holders in buckets 0 .. up_limit-1, relays
+  in buckets up_limit .. 2*up_limit-1), so the preferred source is the first
   entry of the first non-empty bucket, and C{nfree} (pieces that have one);
 * C{good}: pieces held by at least one peer that is not blacklisted; an
   available piece outside it may come from the CDN;
@@ -68,12 +82,16 @@ DEFAULT_ISOLATION_LIMIT = 5
 
 @dataclass(frozen=True)
 class Assignment:
-    """Peer C{peer} should fetch piece C{piece} of C{task} from C{source} (a peer id or L{CDN})."""
+    """Peer C{peer} should fetch piece C{piece} of C{task} from C{source} (a peer id or L{CDN});
+    C{relay}: the source is still receiving the piece itself.  C{attempt} numbers the
+    assignment; a result naming another attempt of the same piece is a late one."""
 
     task: str
     peer: str
     piece: int
     source: str
+    relay: bool = False
+    attempt: int = 0
 
 
 @dataclass
@@ -98,6 +116,11 @@ class Member:
     running: dict[int, str] = field(default_factory=dict)
     avoid: set[str] = field(default_factory=set)
     seeding_only: bool = False
+    relays: set[int] = field(default_factory=set)  # running pieces offered as a relay
+    attempts: dict[int, int] = field(default_factory=dict)  # running piece -> attempt number
+    # piece -> downloaders whose relayed copy from this member failed while this member
+    # was still receiving it, and whether that put this member in their avoid set
+    suspects: dict[int, list[tuple[str, bool]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -136,7 +159,10 @@ class Scheduler:
         cdn_limit: int = DEFAULT_CDN_LIMIT,
         blacklist_limit: int = DEFAULT_BLACKLIST_LIMIT,
         isolation_limit: int = DEFAULT_ISOLATION_LIMIT,
+        relay: bool = True,
     ) -> None:
+        self.relay = relay
+        self._attempt = 0
         self.down_limit = down_limit
         self.up_limit = up_limit
         self.cdn_limit = cdn_limit
@@ -260,8 +286,11 @@ class Scheduler:
         self.peers.pop(peer_id, None)
         return self._settle()
 
-    def piece_done(self, task_id: str, peer_id: str, piece: int, source: str) -> list[Assignment]:
-        """A peer fetched and verified C{piece} from C{source}; it can now serve it."""
+    def piece_done(
+        self, task_id: str, peer_id: str, piece: int, source: str, attempt: int | None = None
+    ) -> list[Assignment]:
+        """A peer fetched and verified C{piece} from C{source} (in C{attempt}, if it says);
+        it can now serve it."""
         task = self.tasks.get(task_id)
         if task is None:
             return []
@@ -271,12 +300,17 @@ class Scheduler:
         running = member.running.pop(piece, None)
         if running is None:
             return []  # nothing was assigned: a claim, not a result
+        current = member.attempts.pop(piece, None)
         # Release the recorded assignment even if it was meanwhile moved to another source:
         # the piece is held now, so that slot must not stay taken.
         self._release(task, peer_id, running, piece)
         peer = self.peers[peer_id]
+        self._drop_relay(task, member, peer, piece)
         self._gain(task, member, peer, piece)
-        if running == source:
+        # Downloads relayed from this attempt that failed before it ended were its fault.
+        for other_id, _ in member.suspects.pop(piece, ()):
+            self._count_failure(task, other_id, peer_id)
+        if running == source and (attempt is None or attempt == current):
             # Only a result for the assignment on record clears error counts: a peer cannot
             # whitewash a source (or itself) with made-up reports.
             peer.client_errors = 0
@@ -286,18 +320,47 @@ class Scheduler:
         self._touch(task)
         return self._settle()
 
-    def piece_failed(self, task_id: str, peer_id: str, piece: int, source: str) -> list[Assignment]:
-        """A peer could not fetch C{piece} from C{source} (bad md5, refused, lost, stalled)."""
+    def piece_failed(
+        self, task_id: str, peer_id: str, piece: int, source: str, attempt: int | None = None
+    ) -> list[Assignment]:
+        """A peer could not fetch C{piece} from C{source} (bad md5, refused, lost, stalled)
+        in C{attempt} (if it says; a report of an earlier attempt is ignored)."""
         task = self.tasks.get(task_id)
         if task is None:
             return []
         member = task.members.get(peer_id)
         if member is None or member.running.get(piece) != source:
             return []  # stale report for an assignment already withdrawn
+        if attempt is not None and member.attempts.get(piece) != attempt:
+            return []  # a report of an earlier attempt, withdrawn and assigned again
+        relay = task.members.get(source) if source != CDN else None
+        if relay is not None and piece in relay.running:
+            # A relayed copy failed while the relay still receives the piece: its own attempt
+            # may have failed first (then this one is excused); judge when it ends.  Meanwhile
+            # this downloader takes the piece from someone else.
+            added = source not in member.avoid
+            member.avoid.add(source)
+            relay.suspects.setdefault(piece, []).append((peer_id, added))
+            self._withdraw(task, member, piece)
+            self._touch(task)
+            return self._settle()
         del member.running[piece]
+        member.attempts.pop(piece, None)
         self._release(task, peer_id, source, piece)
+        self._attempt_failed(task, member, piece)
         self._unrun(task, member, piece)
-        self.peers[peer_id].client_errors += 1
+        self._count_failure(task, peer_id, source)
+        task.to_fill[peer_id] = None
+        self._touch(task)
+        return self._settle()
+
+    def _count_failure(self, task: TaskState, peer_id: str, source: str) -> None:
+        """C{peer_id}'s download from C{source} failed: count it against both."""
+        peer = self.peers.get(peer_id)
+        member = task.members.get(peer_id)
+        if peer is None or member is None:
+            return
+        peer.client_errors += 1
         if source != CDN:
             member.avoid.add(source)
             src = self.peers.get(source)
@@ -306,8 +369,6 @@ class Scheduler:
                 if src.service_errors >= self.blacklist_limit and not src.blacklisted:
                     self._blacklist(src)
         task.to_fill[peer_id] = None
-        self._touch(task)
-        return self._settle()
 
     # -- the decision ------------------------------------------------------
     def schedule(self, task_id: str) -> list[Assignment]:
@@ -356,6 +417,8 @@ class Scheduler:
             peer = self.peers.get(sid)
             if src is not None and peer is not None and not peer.blacklisted and peer.uploads < self.up_limit:
                 offer |= src.has & wanting.keys()
+                if src.relays:
+                    offer |= src.relays & wanting.keys()
         task.dirty_sources.clear()
         if task.cdn_freed:
             task.cdn_freed = False
@@ -548,7 +611,7 @@ class Scheduler:
         if peer.uploads < self.up_limit:
             buckets = task.free.get(piece)
             if buckets is None:
-                buckets = task.free[piece] = [set() for _ in range(self.up_limit)]
+                buckets = task.free[piece] = [set() for _ in range(2 * self.up_limit)]
             buckets[peer.uploads].add(pid)
             task.nfree[piece] = task.nfree.get(piece, 0) + 1
             task.dirty_pieces.add(piece)
@@ -556,6 +619,8 @@ class Scheduler:
     def _assign(self, task: TaskState, member: Member, piece: int, source: str, out: list[Assignment]) -> None:
         pid = member.peer_id
         member.running[piece] = source
+        self._attempt += 1
+        member.attempts[piece] = self._attempt
         task.inflight[piece] = task.inflight.get(piece, 0) + 1
         if pid in task.blocked:
             want = task.wanting.get(piece)
@@ -563,13 +628,17 @@ class Scheduler:
                 want.pop(pid, None)
                 if not want:
                     del task.wanting[piece]
+        relay = False
         if source == CDN:
             task.cdn_inflight.add(piece)
         else:
             task.serving.setdefault(source, set()).add((pid, piece))
             peer = self.peers[source]
             self._set_uploads(peer, peer.uploads + 1)
-        out.append(Assignment(task.task_id, pid, piece, source))
+            relay = piece not in task.members[source].has
+        if self.relay:
+            self._add_relay(task, member, self.peers[pid], piece)
+        out.append(Assignment(task.task_id, pid, piece, source, relay, self._attempt))
 
     def _release(self, task: TaskState, peer_id: str, source: str, piece: int) -> None:
         left = task.inflight.get(piece, 0) - 1
@@ -604,32 +673,100 @@ class Scheduler:
         for task_id in peer.tasks:
             task = self.tasks.get(task_id)
             member = task.members.get(pid) if task is not None else None
-            if task is None or member is None or not member.has:
+            if task is None or member is None or not (member.has or member.relays):
                 continue
             free, nfree = task.free, task.nfree
-            if old < limit and uploads < limit:
-                for piece in member.has:
-                    buckets = free[piece]
-                    buckets[old].discard(pid)
-                    buckets[uploads].add(pid)
-            elif old < limit:  # now full
-                for piece in member.has:
-                    free[piece][old].discard(pid)
-                    n = nfree[piece] - 1
-                    if n:
-                        nfree[piece] = n
-                    else:
-                        del nfree[piece]
-            else:  # a slot freed
-                for piece in member.has:
-                    slots = free.get(piece)
-                    if slots is None:
-                        slots = free[piece] = [set() for _ in range(limit)]
-                    slots[uploads].add(pid)
-                    nfree[piece] = nfree.get(piece, 0) + 1
+            for pieces, base in ((member.has, 0), (member.relays, limit)):
+                if old < limit and uploads < limit:
+                    for piece in pieces:
+                        buckets = free[piece]
+                        buckets[base + old].discard(pid)
+                        buckets[base + uploads].add(pid)
+                elif old < limit:  # now full
+                    for piece in pieces:
+                        free[piece][base + old].discard(pid)
+                        n = nfree[piece] - 1
+                        if n:
+                            nfree[piece] = n
+                        else:
+                            del nfree[piece]
+                else:  # a slot freed
+                    for piece in pieces:
+                        slots = free.get(piece)
+                        if slots is None:
+                            slots = free[piece] = [set() for _ in range(2 * limit)]
+                        slots[base + uploads].add(pid)
+                        nfree[piece] = nfree.get(piece, 0) + 1
             if uploads < old:
                 task.dirty_sources.add(pid)
                 self._touch(task)
+
+    def _unfree(self, task: TaskState, piece: int, bucket: int, pid: str) -> None:
+        """Take C{pid} out of C{piece}'s free bucket C{bucket}."""
+        task.free[piece][bucket].discard(pid)
+        n = task.nfree[piece] - 1
+        if n:
+            task.nfree[piece] = n
+        else:
+            del task.nfree[piece]
+
+    def _add_relay(self, task: TaskState, member: Member, peer: PeerState, piece: int) -> None:
+        """C{member} started receiving C{piece}: offer it as a relay of that piece."""
+        if peer.blacklisted or self._isolated(peer.peer_id):
+            return  # nobody fetches from a blacklisted peer; an isolated one is probably faulty
+        member.relays.add(piece)
+        if peer.uploads < self.up_limit:
+            buckets = task.free.get(piece)
+            if buckets is None:
+                buckets = task.free[piece] = [set() for _ in range(2 * self.up_limit)]
+            buckets[self.up_limit + peer.uploads].add(member.peer_id)
+            task.nfree[piece] = task.nfree.get(piece, 0) + 1
+            task.dirty_pieces.add(piece)
+            self._touch(task)  # settle again: blocked members may take it from this relay
+
+    def _drop_relay(self, task: TaskState, member: Member, peer: PeerState | None, piece: int) -> None:
+        """C{member}'s attempt at C{piece} ended: it is no longer a relay of it."""
+        if piece not in member.relays:
+            return
+        member.relays.discard(piece)
+        if peer is not None and not peer.blacklisted and peer.uploads < self.up_limit:
+            self._unfree(task, piece, self.up_limit + peer.uploads, member.peer_id)
+
+    def _attempt_failed(self, task: TaskState, member: Member, piece: int) -> None:
+        """C{member}'s attempt at C{piece} ended without the piece.  Downloads relaying it
+        cannot complete: withdraw them (and theirs, and so on) so they get a new source at
+        once; copies that already failed are excused (their downloaders may use it again)."""
+        stack = [member]
+        while stack:
+            m = stack.pop()
+            self._drop_relay(task, m, self.peers.get(m.peer_id), piece)
+            for other_id, added in m.suspects.pop(piece, ()):
+                other = task.members.get(other_id)
+                if other is not None and added:
+                    other.avoid.discard(m.peer_id)
+                    task.to_fill[other_id] = None
+            for other_id, p in list(task.serving.get(m.peer_id, ())):
+                if p != piece:
+                    continue
+                other = task.members.get(other_id)
+                if other is None or other.running.get(piece) != m.peer_id:
+                    continue
+                del other.running[piece]
+                other.attempts.pop(piece, None)
+                self._release(task, other_id, m.peer_id, piece)
+                self._unrun(task, other, piece)
+                task.to_fill[other_id] = None
+                stack.append(other)
+
+    def _withdraw(self, task: TaskState, member: Member, piece: int) -> None:
+        """Take C{piece} away from C{member} without counting an error: its source is gone
+        (or its relayed copy is under judgement); it gets a new source at its next fill."""
+        source = member.running.pop(piece)
+        member.attempts.pop(piece, None)
+        self._release(task, member.peer_id, source, piece)
+        self._attempt_failed(task, member, piece)
+        self._unrun(task, member, piece)
+        task.to_fill[member.peer_id] = None
 
     def _blacklist(self, peer: PeerState) -> None:
         """Nobody fetches from C{peer} any more."""
@@ -663,6 +800,9 @@ class Scheduler:
                     task.nfree[piece] = n
                 else:
                     del task.nfree[piece]
+        if peer.uploads < self.up_limit:
+            for piece in member.relays:
+                self._unfree(task, piece, self.up_limit + peer.uploads, pid)
 
     def _drop_member(self, task: TaskState, peer_id: str) -> None:
         self._touch(task)
@@ -680,8 +820,6 @@ class Scheduler:
                 task.holders.get(piece, set()).discard(peer_id)
         # Withdraw uploads the gone peer was serving; their downloaders get new sources.
         for other_id, piece in list(task.serving.get(peer_id, ())):
-            other = task.members[other_id]
-            del other.running[piece]
-            self._release(task, other_id, peer_id, piece)
-            self._unrun(task, other, piece)
-            task.to_fill[other_id] = None
+            other = task.members.get(other_id)
+            if other is not None and other.running.get(piece) == peer_id:
+                self._withdraw(task, other, piece)

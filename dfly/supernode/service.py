@@ -36,6 +36,7 @@ from dfly.wire.messages import (
     decode_ranges,
     get_int,
     get_md5,
+    get_opt_int,
     get_opt_str,
     get_str,
     get_str_list,
@@ -239,7 +240,8 @@ class Supernode:
             stats.from_cdn += task.piece_len.get(piece, 0)
         else:
             stats.from_peers += task.piece_len.get(piece, 0)
-        self._dispatch(self.scheduler.piece_done(task_id, session.peer_id, piece, source))
+        attempt = get_opt_int(msg, "attempt", 0, 1 << 62)
+        self._dispatch(self.scheduler.piece_done(task_id, session.peer_id, piece, source, attempt))
         if stats.finished is None and self.scheduler.member_complete(sched, member):
             stats.finished = time.time()
 
@@ -255,7 +257,8 @@ class Supernode:
             source=source,
             reason=reason,
         )
-        self._dispatch(self.scheduler.piece_failed(task_id, session.peer_id, piece, source))
+        attempt = get_opt_int(msg, "attempt", 0, 1 << 62)
+        self._dispatch(self.scheduler.piece_failed(task_id, session.peer_id, piece, source, attempt))
         task = self.tasks.get(task_id)
         if source == CDN and task is not None and task.state == "done" and not self.cdn.piece_intact(task, piece):
             self._repair(task, piece)
@@ -388,17 +391,19 @@ class Supernode:
                 if src is None:
                     continue
                 source = {"id": a.source, "host": src.host, "port": src.port}
-            session.wire.send_control(
-                {
-                    "op": "assign",
-                    "task": a.task,
-                    "piece": a.piece,
-                    "source": source,
-                    "md5": task.piece_md5[a.piece],
-                    "len": task.piece_len[a.piece],
-                    "piece_size": task.piece_size,
-                }
-            )
+            msg = {
+                "op": "assign",
+                "task": a.task,
+                "piece": a.piece,
+                "source": source,
+                "md5": task.piece_md5[a.piece],
+                "len": task.piece_len[a.piece],
+                "piece_size": task.piece_size,
+                "attempt": a.attempt,
+            }
+            if a.relay:
+                msg["relay"] = True
+            session.wire.send_control(msg)
 
     # -- reporting -------------------------------------------------------------
     def describe(self) -> list[dict[str, Any]]:

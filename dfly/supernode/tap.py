@@ -39,6 +39,9 @@ class Options(usage.Options):
         "Run a dfly supernode: it fetches each file from its origin once, slices it, "
         "and schedules peers to fetch the pieces from each other."
     )
+    optFlags = [
+        ["no-relay", None, "Peers serve only pieces they hold (store and forward), not pieces still arriving."],
+    ]
     optParameters = [
         ["port", "p", f"tcp:{DEFAULT_SUPERNODE_PORT}", "Endpoint for peers (control and slices)."],
         ["api", "a", f"tcp:{DEFAULT_API_PORT}:interface=127.0.0.1", "Endpoint for the HTTP API."],
@@ -136,6 +139,7 @@ def makeService(config: Options, reactor: Any = None, http: Any = None) -> IServ
         cdn_limit=config["cdn-limit"],
         blacklist_limit=config["blacklist-limit"],
         isolation_limit=config["isolation-limit"],
+        relay=not config["no-relay"],
     )
     node = Supernode(
         reactor,
