@@ -54,6 +54,7 @@ def test_supernode_defaults() -> None:
     assert opts["piece-size"] is None
     assert (opts["cdn-limit"], opts["up-limit"], opts["down-limit"]) == (4, 1, 1)
     assert (opts["blacklist-limit"], opts["isolation-limit"]) == (3, 5)
+    assert (opts["no-relay"], opts["relay-depth"]) == (0, 8)
     assert opts["origin-timeout"] == 60.0
     assert opts["ready-file"] is None
     assert os.path.isabs(opts["home"])
@@ -85,6 +86,9 @@ def test_supernode_overrides(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> 
             "9",
             "--isolation-limit",
             "8",
+            "--no-relay",
+            "--relay-depth",
+            "3",
             "--origin-timeout",
             "2.5",
             "--ready-file",
@@ -96,6 +100,7 @@ def test_supernode_overrides(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> 
     assert opts["piece-size"] == 15 * MIB
     assert (opts["cdn-limit"], opts["up-limit"], opts["down-limit"]) == (2, 7, 1)
     assert (opts["blacklist-limit"], opts["isolation-limit"]) == (9, 8)
+    assert (opts["no-relay"], opts["relay-depth"]) == (1, 3)
     assert opts["origin-timeout"] == 2.5
     assert opts["ready-file"] == "ready.json"
 
@@ -112,6 +117,7 @@ def test_supernode_overrides(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> 
         ["--down-limit", "x"],
         ["--blacklist-limit", "1.5"],
         ["--isolation-limit", "-3"],
+        ["--relay-depth", "0"],
         ["--origin-timeout", "0"],
         ["--origin-timeout", "-2"],
         ["--no-such-option"],

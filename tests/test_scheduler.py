@@ -644,9 +644,9 @@ def test_waiting_peer_gets_the_freed_cdn_slot_before_the_peer_that_freed_it() ->
 # -- relays: sources still receiving the piece ----------------------------------------------
 
 
-def end_game(n_peers: int, n_pieces: int = 4) -> tuple[Scheduler, list[Assignment]]:
+def end_game(n_peers: int, n_pieces: int = 4, relay_depth: int = 64) -> tuple[Scheduler, list[Assignment]]:
     """C{n_peers} peers hold everything but the last piece; the CDN just cached it."""
-    s = Scheduler(up_limit=1, down_limit=1)
+    s = Scheduler(up_limit=1, down_limit=1, relay_depth=relay_depth)
     s.add_task(T)
     for p in range(n_pieces - 1):
         s.cdn_piece_ready(T, p)
@@ -679,6 +679,25 @@ def test_end_game_with_relays_is_one_chain_at_once() -> None:
         assert s.piece_done(T, a.peer, a.piece, a.source) == []
     assert all(Scheduler.member_complete(s.tasks[T], m) for m in s.tasks[T].members.values())
     assert all(peer.uploads == 0 for peer in s.peers.values())
+
+
+def test_relay_chains_are_at_most_relay_depth_long() -> None:
+    """A peer that is relay_depth relays behind a holder does not relay the piece on, so
+    the end game grows the holders (relay_depth + 1)-fold per round instead of doubling:
+    64 peers, depth 2, in 4 rounds (3, 12, 48, 64 holders) rather than 7."""
+    s, running = end_game(64, relay_depth=2)
+    task = s.tasks[T]
+    rounds, holders = 0, []
+    while running:
+        for a in running:
+            assert task.members[a.peer].hops.get(a.piece, 0) <= 2
+        nxt: list[Assignment] = []
+        for a in running:
+            nxt.extend(s.piece_done(T, a.peer, a.piece, a.source, a.attempt))
+        running = nxt
+        rounds += 1
+        holders.append(len(task.holders[3]))
+    assert holders == [3, 12, 48, 64]
 
 
 def test_holder_preferred_over_relay() -> None:

@@ -44,6 +44,13 @@ def check_state(s: Scheduler) -> None:
                 assert pid in task.holders[piece]
             assert member.relays <= member.running.keys()
             assert member.attempts.keys() == member.running.keys()
+            assert member.hops.keys() <= member.running.keys()
+            for hops in member.hops.values():
+                # Relays in a row upstream when assigned (the count stays as it was when
+                # an upstream relay finishes the piece and becomes a holder).
+                assert 1 <= hops <= s.relay_depth
+            for piece in member.relays:
+                assert member.hops.get(piece, 0) < s.relay_depth
             if not s.relay:
                 assert not member.relays
         assert len(cdn) <= s.cdn_limit
@@ -119,6 +126,7 @@ def check_new(s: Scheduler, new: list[Assignment], before: dict[tuple[str, str],
             assert isolated or not usable, "the CDN served a piece a usable peer holds"
         elif a.relay:
             assert not isolated and s.relay
+            assert member.hops[a.piece] == task.members[a.source].hops.get(a.piece, 0) + 1
             assert a.source in relays, "relay source does not receive the piece, is avoided or blacklisted"
         else:
             assert not isolated
@@ -164,6 +172,7 @@ limits = st.fixed_dictionaries(
         "blacklist_limit": st.integers(1, 4),
         "isolation_limit": st.integers(1, 4),
         "relay": st.booleans(),
+        "relay_depth": st.integers(1, 3),
     }
 )
 

@@ -161,3 +161,45 @@ def test_command_line_rejects_bad_options(capsys: pytest.CaptureFixture[str]) ->
     assert sim.main(["--peers", "2", "--size", "8M", "--piece-size", "40"]) == 2
     assert "piece size" in capsys.readouterr().err
     assert sim.main(["--peers", "0", "--size", "8M"]) == 2
+
+
+def test_relays_remove_the_store_and_forward_tail() -> None:
+    """The end game with relays: a piece reaches a chain of peers while it still arrives, so
+    with no relay lag 8 equal peers behind an equal origin finish one piece time plus a few
+    request latencies after the origin's last byte, where store and forward pays a piece
+    time for every hop of the doubling (1 + log2 8 = 4)."""
+    tau = Layout(SIZE, PIECE).slice_len(0) / B
+    kw: dict[str, Any] = dict(peers=8, size=SIZE, piece_size=PIECE, peer_rate=B, origin_rate=B, latency=0.001)
+    relayed = run_simulation(relay_lag=0.0, **kw)
+    stored = run_simulation(scheduler=Scheduler(relay=False), **kw)
+    assert relayed.relay and relayed.relayed_assignments > 0
+    assert not stored.relay and stored.relayed_assignments == 0
+    last_byte = slice_bytes(SIZE, PIECE) / B
+    assert relayed.makespan == pytest.approx(last_byte + tau, abs=0.02)
+    assert stored.makespan >= last_byte + 3 * tau
+    assert relayed.cdn_served_over_total == pytest.approx(stored.cdn_served_over_total)
+
+
+def test_a_relay_hop_costs_its_lag_and_never_overtakes_its_feed() -> None:
+    """A relayed flow starts relay_lag later than its feed and is capped at its feed's rate:
+    two peers, one piece, the second relays it from the first and finishes exactly
+    relay_lag after the first (with no lag, at the same moment: never before)."""
+    kw: dict[str, Any] = dict(peers=2, size=PIECE - 5, piece_size=PIECE, peer_rate=B, origin_rate=B, latency=0.001)
+    first = PIECE / B + 0.001 + PIECE / B  # cached, requested, received
+    lagged = run_simulation(relay_lag=0.05, **kw)
+    assert lagged.relayed_assignments == 1
+    assert lagged.makespan == pytest.approx(first + 0.05)
+    # The relay's downloader is capped at the feed's rate even where its own links are faster.
+    fast = run_simulation(relay_lag=0.0, **kw)
+    assert fast.makespan == pytest.approx(first)
+
+
+def test_relay_options_on_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """--no-relay and --relay-depth reach the scheduler the command line drives."""
+    results = {}
+    for name, extra in (("off", ["--no-relay"]), ("depth1", ["--relay-depth", "1"]), ("on", [])):
+        assert sim.main(["--peers", "16", "--size", "32M", "--json", *extra]) == 0
+        results[name] = json.loads(capsys.readouterr().out)
+    assert results["off"]["relay"] is False and results["off"]["relayed_assignments"] == 0
+    assert results["on"]["relay"] is True and results["on"]["relayed_assignments"] > 0
+    assert 0 < results["depth1"]["relayed_assignments"]

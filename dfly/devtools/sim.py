@@ -23,6 +23,14 @@ Model:
   starts or ends, only the flows sharing its source's or receiver's link are
   re-rated, and a flow's finish event is re-queued only if its rate changed
   (stale events are skipped by version);
+* a relayed flow (the source is still receiving the piece) starts C{relay_lag}
+  seconds later than a plain one (by default the request latency plus the time
+  of one upload chunk at the peer rate: the relay passes on what it has
+  received at least a chunk at a time) and cannot get ahead of the flow feeding
+  its source: while that flow runs, the relayed one's rate is at most its rate
+  (so it never overtakes it, having started later), and a change of that rate
+  re-rates the flows it feeds, down the chain; when the feeding flow ends the
+  cap is lifted;
 * a peer that has every piece stays and serves (no one leaves).
 
 Results: makespan, p50/p99 completion (seconds from t=0), makespan / T* with
@@ -51,6 +59,8 @@ TASK = "sim"
 _CDN_NODE = -1
 # Event kinds, in the order they are handled when simultaneous.
 _READY, _FINISH, _START, _JOIN = 0, 1, 2, 3
+# What a relay passes on at a time: one upload chunk (dfly.wire.protocol.CHUNK).
+RELAY_STEP = 256 * 1024
 
 
 @dataclass
@@ -65,6 +75,7 @@ class SimResult:
     origin_rate: float
     latency: float
     join_window: float
+    relay_lag: float
     makespan: float
     p50: float
     p99: float
@@ -78,13 +89,18 @@ class SimResult:
     scheduler_cpu_per_sim_second: float
     wall_seconds: float
     completed: int
+    relay: bool = True
+    relayed_assignments: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
 
 class _Flow:
-    __slots__ = ("src", "dst", "piece", "source_id", "size", "left", "rate", "last", "version", "active")
+    __slots__ = (
+        "src", "dst", "piece", "source_id", "size", "left", "rate", "last", "version", "active",
+        "feed", "fed",
+    )
 
     def __init__(self, src: int, dst: int, piece: int, source_id: str, size: int) -> None:
         self.src = src
@@ -97,6 +113,8 @@ class _Flow:
         self.last = 0.0
         self.version = 0
         self.active = False
+        self.feed: _Flow | None = None  # the flow bringing this piece to the relay we read from
+        self.fed: list[_Flow] = []  # relayed flows reading what this one brings
 
 
 def t_star(peers: int, size: int, peer_rate: float, origin_rate: float) -> float:
@@ -115,6 +133,7 @@ def run_simulation(
     seed: int = 0,
     scheduler: Scheduler | None = None,
     max_events: int | None = None,
+    relay_lag: float | None = None,
 ) -> SimResult:
     """Simulate C{peers} peers fetching a file of C{size} bytes through C{scheduler}
     (a default L{Scheduler} unless given; its limits are the supernode's defaults)."""
@@ -122,6 +141,10 @@ def run_simulation(
     if peers < 1 or size < 0 or peer_rate <= 0 or origin_rate <= 0 or latency < 0 or join_window < 0:
         raise ValueError("peers >= 1, size >= 0, rates > 0, latency and join window >= 0")
     piece_size = check_piece_size(piece_size) if piece_size else default_piece_size(size)
+    if relay_lag is None:
+        relay_lag = latency + RELAY_STEP / peer_rate
+    elif relay_lag < 0:
+        raise ValueError("relay lag >= 0")
     layout = Layout(size, piece_size)
     count = layout.count
     slice_len = [layout.slice_len(n) for n in range(count)]
@@ -144,6 +167,8 @@ def run_simulation(
     assignments = 0
     cdn_bytes = 0
     origin_bytes = 0
+    relayed = 0
+    receiving: dict[tuple[int, int], _Flow] = {}  # (peer, piece) -> the flow bringing it
     clock = time.process_time
 
     def push(at: float, kind: int, data: Any, version: int = 0) -> None:
@@ -152,14 +177,28 @@ def run_simulation(
         heapq.heappush(heap, (at, kind, seq, data, version))
 
     def assigned(out: list[Assignment]) -> None:
-        nonlocal assignments
+        nonlocal assignments, relayed
         assignments += len(out)
         for a in out:
             src = _CDN_NODE if a.source == CDN else index[a.source]
-            push(now + latency, _START, _Flow(src, index[a.peer], a.piece, a.source, slice_len[a.piece]))
+            f = _Flow(src, index[a.peer], a.piece, a.source, slice_len[a.piece])
+            receiving[(f.dst, f.piece)] = f
+            delay = latency
+            if a.relay:
+                relayed += 1
+                delay += relay_lag
+                feed = receiving.get((src, a.piece))
+                if feed is not None:
+                    f.feed = feed
+                    feed.fed.append(f)
+            push(now + delay, _START, f)
 
     def rerate(flows: list[_Flow]) -> None:
-        for f in flows:
+        work = list(flows)
+        while work:
+            f = work.pop()
+            if not f.active:
+                continue
             src = f.src
             if src == _CDN_NODE:
                 share = origin_rate / len(cdn_up)
@@ -167,6 +206,9 @@ def run_simulation(
                 share = up_cap[src] / len(up[src])
             d = peer_rate / len(down[f.dst])
             r = share if share < d else d
+            feed = f.feed
+            if feed is not None and feed.active and feed.rate < r:
+                r = feed.rate
             if r != f.rate:
                 if f.rate:
                     f.left -= f.rate * (now - f.last)
@@ -176,6 +218,7 @@ def run_simulation(
                 f.rate = r
                 f.version += 1
                 push(now + f.left / r, _FINISH, f, f.version)
+                work.extend(f.fed)
 
     # The origin feeds the CDN piece by piece.
     arrived = 0
@@ -198,6 +241,14 @@ def run_simulation(
                 continue  # re-rated since
             f.active = False
             dst = f.dst
+            key = (dst, f.piece)
+            fed: list[_Flow] = f.fed
+            f.fed = []
+            if receiving.get(key) is f:
+                del receiving[key]
+            for g in fed:
+                g.feed = None  # the relay holds the piece now: no cap
+            rerate(fed)
             dflows = down[dst]
             dflows.remove(f)
             if f.src == _CDN_NODE:
@@ -266,6 +317,7 @@ def run_simulation(
         origin_rate=origin_rate,
         latency=latency,
         join_window=join_window,
+        relay_lag=relay_lag,
         makespan=makespan,
         p50=pct(0.50),
         p99=pct(0.99),
@@ -279,6 +331,8 @@ def run_simulation(
         scheduler_cpu_per_sim_second=cpu / makespan if makespan and makespan != float("inf") else 0.0,
         wall_seconds=time.perf_counter() - wall0,
         completed=len(times),
+        relay=sched.relay,
+        relayed_assignments=relayed,
     )
 
 
@@ -308,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--up-limit", type=int, default=None, help="scheduler up_limit (default: the supernode's)")
     ap.add_argument("--down-limit", type=int, default=None, help="scheduler down_limit (default: the supernode's)")
     ap.add_argument("--cdn-limit", type=int, default=None, help="scheduler cdn_limit (default: the supernode's)")
+    ap.add_argument("--no-relay", action="store_true", help="store and forward only (the supernode's --no-relay)")
+    ap.add_argument("--relay-depth", type=int, default=None, help="scheduler relay_depth (default: the supernode's)")
+    ap.add_argument("--relay-lag", type=float, default=None, help="seconds a relay hop adds (default: latency + 256 KiB at the peer rate)")
     ap.add_argument("--seed", type=int, default=0, help="join times, and Python's string hash seed (default 0)")
     ap.add_argument("--quick", action="store_true", help="1000 peers unless --peers is given")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
@@ -316,7 +373,12 @@ def main(argv: list[str] | None = None) -> int:
     peers = args.peers if args.peers is not None else (1000 if args.quick else 10000)
     limits = {
         k: v
-        for k, v in (("up_limit", args.up_limit), ("down_limit", args.down_limit), ("cdn_limit", args.cdn_limit))
+        for k, v in (
+            ("up_limit", args.up_limit),
+            ("down_limit", args.down_limit),
+            ("cdn_limit", args.cdn_limit),
+            ("relay_depth", args.relay_depth),
+        )
         if v is not None
     }
     try:
@@ -330,8 +392,9 @@ def main(argv: list[str] | None = None) -> int:
             origin_rate=_rate(args.origin_rate),
             latency=args.latency,
             join_window=args.join_window,
+            relay_lag=args.relay_lag,
             seed=args.seed,
-            scheduler=Scheduler(**limits),
+            scheduler=Scheduler(relay=not args.no_relay, **limits),
         )
         if args.profile:
             import cProfile
@@ -353,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         r = result
         print(
             f"{r.peers} peers, {r.size} bytes in {r.pieces} pieces of {r.piece_size >> 20} MiB, "
-            f"peer {r.peer_rate:.3g} B/s, origin {r.origin_rate:.3g} B/s, latency {r.latency:g} s"
+            f"peer {r.peer_rate:.3g} B/s, origin {r.origin_rate:.3g} B/s, latency {r.latency:g} s, "
+            + (f"relays (lag {r.relay_lag:.4f} s)" if r.relay else "store and forward")
         )
         print(
             f"makespan {r.makespan:.3f} s = {r.makespan_over_t_star:.3f} T* (T* {r.t_star:.3f} s); "
@@ -361,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"origin egress {r.origin_egress_over_size:.3f} S; CDN served {r.cdn_served_over_total:.5f} N*S")
         print(
-            f"scheduler: {r.scheduler_calls} calls, {r.assignments} assignments, {r.scheduler_cpu:.2f} s CPU "
+            f"scheduler: {r.scheduler_calls} calls, {r.assignments} assignments "
+            f"({r.relayed_assignments} relayed), {r.scheduler_cpu:.2f} s CPU "
             f"({r.scheduler_cpu_per_sim_second:.3f} s per simulated second); wall {r.wall_seconds:.1f} s"
         )
     return 0 if result.completed == result.peers else 1

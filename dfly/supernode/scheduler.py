@@ -78,6 +78,9 @@ DEFAULT_UP_LIMIT = 1
 DEFAULT_CDN_LIMIT = 4
 DEFAULT_BLACKLIST_LIMIT = 3
 DEFAULT_ISOLATION_LIMIT = 5
+# Relays in a row behind a peer before it may not relay the piece on: each hop adds a
+# little delay (a read chunk, a request), and a chain breaks at its weakest link.
+DEFAULT_RELAY_DEPTH = 8
 
 
 @dataclass(frozen=True)
@@ -118,9 +121,16 @@ class Member:
     seeding_only: bool = False
     relays: set[int] = field(default_factory=set)  # running pieces offered as a relay
     attempts: dict[int, int] = field(default_factory=dict)  # running piece -> attempt number
+    hops: dict[int, int] = field(default_factory=dict)  # running relayed piece -> relays upstream
     # piece -> downloaders whose relayed copy from this member failed while this member
     # was still receiving it, and whether that put this member in their avoid set
     suspects: dict[int, list[tuple[str, bool]]] = field(default_factory=dict)
+
+    def unassign(self, piece: int) -> str | None:
+        """Forget the running download of C{piece}; its source, if there was one."""
+        self.attempts.pop(piece, None)
+        self.hops.pop(piece, None)
+        return self.running.pop(piece, None)
 
 
 @dataclass
@@ -160,8 +170,10 @@ class Scheduler:
         blacklist_limit: int = DEFAULT_BLACKLIST_LIMIT,
         isolation_limit: int = DEFAULT_ISOLATION_LIMIT,
         relay: bool = True,
+        relay_depth: int = DEFAULT_RELAY_DEPTH,
     ) -> None:
         self.relay = relay
+        self.relay_depth = relay_depth
         self._attempt = 0
         self.down_limit = down_limit
         self.up_limit = up_limit
@@ -297,10 +309,10 @@ class Scheduler:
         member = task.members.get(peer_id)
         if member is None or piece not in task.available:
             return []  # not a member, or a piece that does not exist (yet): ignore the claim
-        running = member.running.pop(piece, None)
+        current = member.attempts.get(piece)
+        running = member.unassign(piece)
         if running is None:
             return []  # nothing was assigned: a claim, not a result
-        current = member.attempts.pop(piece, None)
         # Release the recorded assignment even if it was meanwhile moved to another source:
         # the piece is held now, so that slot must not stay taken.
         self._release(task, peer_id, running, piece)
@@ -344,8 +356,7 @@ class Scheduler:
             self._withdraw(task, member, piece)
             self._touch(task)
             return self._settle()
-        del member.running[piece]
-        member.attempts.pop(piece, None)
+        member.unassign(piece)
         self._release(task, peer_id, source, piece)
         self._attempt_failed(task, member, piece)
         self._unrun(task, member, piece)
@@ -635,8 +646,11 @@ class Scheduler:
             task.serving.setdefault(source, set()).add((pid, piece))
             peer = self.peers[source]
             self._set_uploads(peer, peer.uploads + 1)
-            relay = piece not in task.members[source].has
-        if self.relay:
+            src_member = task.members[source]
+            if piece not in src_member.has:
+                relay = True
+                member.hops[piece] = src_member.hops.get(piece, 0) + 1
+        if self.relay and member.hops.get(piece, 0) < self.relay_depth:
             self._add_relay(task, member, self.peers[pid], piece)
         out.append(Assignment(task.task_id, pid, piece, source, relay, self._attempt))
 
@@ -751,8 +765,7 @@ class Scheduler:
                 other = task.members.get(other_id)
                 if other is None or other.running.get(piece) != m.peer_id:
                     continue
-                del other.running[piece]
-                other.attempts.pop(piece, None)
+                other.unassign(piece)
                 self._release(task, other_id, m.peer_id, piece)
                 self._unrun(task, other, piece)
                 task.to_fill[other_id] = None
@@ -761,8 +774,8 @@ class Scheduler:
     def _withdraw(self, task: TaskState, member: Member, piece: int) -> None:
         """Take C{piece} away from C{member} without counting an error: its source is gone
         (or its relayed copy is under judgement); it gets a new source at its next fill."""
-        source = member.running.pop(piece)
-        member.attempts.pop(piece, None)
+        source = member.running[piece]
+        member.unassign(piece)
         self._release(task, member.peer_id, source, piece)
         self._attempt_failed(task, member, piece)
         self._unrun(task, member, piece)

@@ -26,6 +26,7 @@ from dfly.supernode.scheduler import (
     DEFAULT_CDN_LIMIT,
     DEFAULT_DOWN_LIMIT,
     DEFAULT_ISOLATION_LIMIT,
+    DEFAULT_RELAY_DEPTH,
     DEFAULT_UP_LIMIT,
     Scheduler,
 )
@@ -52,6 +53,7 @@ class Options(usage.Options):
         ["down-limit", None, str(DEFAULT_DOWN_LIMIT), "Concurrent piece downloads per peer and task."],
         ["blacklist-limit", None, str(DEFAULT_BLACKLIST_LIMIT), "Failures in a row before a source peer is blacklisted."],
         ["isolation-limit", None, str(DEFAULT_ISOLATION_LIMIT), "Failures in a row before a downloader gets pieces from the supernode only."],
+        ["relay-depth", None, str(DEFAULT_RELAY_DEPTH), "Relays in a row behind a peer before it may not pass a piece on while receiving it."],
         ["origin-timeout", None, "60", "Seconds of origin silence before a fetch fails."],
         ["revalidate-after", None, "5", "Seconds a cached file is trusted before the origin is asked again."],
         ["cache-limit", None, "0", "Evict idle cached files, least recently used first, above this size (0: never)."],
@@ -70,7 +72,7 @@ class Options(usage.Options):
                 self["piece-size"] = check_piece_size(int(self["piece-size"]) * MIB)
             except ValueError as e:
                 raise usage.UsageError(f"--piece-size: {e}") from None
-        for name in ("cdn-limit", "up-limit", "down-limit", "blacklist-limit", "isolation-limit"):
+        for name in ("cdn-limit", "up-limit", "down-limit", "blacklist-limit", "isolation-limit", "relay-depth"):
             self[name] = int(positive(int, name, self[name]))
         self["origin-timeout"] = positive(float, "origin-timeout", self["origin-timeout"])
         self["idle-timeout"] = positive(float, "idle-timeout", self["idle-timeout"])
@@ -140,6 +142,7 @@ def makeService(config: Options, reactor: Any = None, http: Any = None) -> IServ
         blacklist_limit=config["blacklist-limit"],
         isolation_limit=config["isolation-limit"],
         relay=not config["no-relay"],
+        relay_depth=config["relay-depth"],
     )
     node = Supernode(
         reactor,
