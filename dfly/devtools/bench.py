@@ -304,7 +304,7 @@ def supernode_caps_available() -> bool:
     return "upload-rate" in {str(p[0]) for p in getattr(Options, "optParameters", [])}
 
 
-def run_dfly(cfg: Config, n: int, data: str, root: str, tstar: float) -> SwarmRun:
+def run_dfly(cfg: Config, n: int, data: str, root: str, tstar: float, relay: bool = True) -> SwarmRun:
     size = os.path.getsize(data)
     name = os.path.basename(data)
     deadline = cfg.deadline_factor * tstar + 30
@@ -315,6 +315,8 @@ def run_dfly(cfg: Config, n: int, data: str, root: str, tstar: float) -> SwarmRu
         # The supernode stands for the origin's side of the swarm: its uploads get B_origin too,
         # as the BitTorrent seeder's do.
         sn_caps = ["--upload-rate", str(int(cfg.origin_rate))] if supernode_caps_available() else []
+        if not relay:
+            sn_caps.append("--no-relay")
         swarm.start_supernode("--piece-size", str(cfg.piece_size // MiB), *sn_caps)
         names = [f"peer{i + 1}" for i in range(n)]
         daemons = swarm.start_peers(names, *extra)
@@ -346,7 +348,7 @@ def run_dfly(cfg: Config, n: int, data: str, root: str, tstar: float) -> SwarmRu
             note = (note + "; " if note else "") + "supernode uploads uncapped"
         rss = max((proc_kib(d.popen.pid, "VmHWM") for d in daemons if d.alive()), default=0)
         return SwarmRun(
-            "dfly", n, tstar, deadline, times, last, p50, p99, origin_bytes, cdn, from_peers, size,
+            "dfly" if relay else "dfly-saf", n, tstar, deadline, times, last, p50, p99, origin_bytes, cdn, from_peers, size,
             verified, note, cpu,
             {"served_bytes": task.get("served_bytes"), "piece_count": task.get("piece_count"),
              "dfget_seconds": [s.get("seconds") if s else None for s in summaries], "peer_vmhwm_kib": rss,
@@ -494,7 +496,7 @@ def run_bt(cfg: Config, n: int, data: str, root: str, tstar: float) -> SwarmRun:
 
 
 SYSTEMS: dict[str, Callable[[Config, int, str, str, float], SwarmRun]] = {
-    "dfly": run_dfly, "http": run_http, "bt": run_bt,
+    "dfly": run_dfly, "dfly-saf": functools.partial(run_dfly, relay=False), "http": run_http, "bt": run_bt,
 }
 
 
@@ -665,7 +667,8 @@ def parse_args(argv: list[str] | None) -> Config:
     p.add_argument("--rate", default="4M", help="B: cap per peer, up and down, bytes/s (default 4M)")
     p.add_argument("--origin-rate", help="cap of the origin (default: --rate)")
     p.add_argument("--rounds", type=int, default=1, help="rounds per N and system; the median is reported")
-    p.add_argument("--systems", default="dfly,http,bt", help="swarm systems to run (dfly,http,bt)")
+    p.add_argument("--systems", default="dfly,dfly-saf,http,bt",
+                   help="swarm systems to run (dfly, dfly-saf: dfly with --no-relay, http, bt)")
     p.add_argument("--parts", default="swarm,single,sim", help="parts to run (swarm,single,sim)")
     p.add_argument("--single-size", help="single-client file size (default 1G)")
     p.add_argument("--sim-peers", help="simulated swarm sizes (default 1000,10000)")

@@ -16,7 +16,12 @@ from collections.abc import Sequence
 from typing import Any
 
 MiB = 1 << 20
-SYSTEM_NAMES = {"dfly": "dfly", "http": "plain HTTP (curl)", "bt": "BitTorrent (aria2c)"}
+SYSTEM_NAMES = {
+    "dfly": "dfly",
+    "dfly-saf": "dfly, store and forward (--no-relay)",
+    "http": "plain HTTP (curl)",
+    "bt": "BitTorrent (aria2c)",
+}
 TARGETS = {
     "last": 1.15,
     "p50": 1.05,
@@ -412,10 +417,10 @@ def write_plots(results: dict[str, Any], directory: str) -> list[str]:
     os.makedirs(directory, exist_ok=True)
     written = []
     swarm = [r for r in results.get("swarm") or [] if "error" not in r]
-    colors = {"dfly": "tab:blue", "http": "tab:red", "bt": "tab:green"}
+    colors = {"dfly": "tab:blue", "dfly-saf": "tab:purple", "http": "tab:red", "bt": "tab:green"}
     if swarm:
         fig, ax = plt.subplots(figsize=(8, 5))
-        for system in ("dfly", "bt", "http"):
+        for system in ("dfly", "dfly-saf", "bt", "http"):
             runs = sorted((r for r in swarm if r["system"] == system), key=lambda r: r["n"])
             if not runs:
                 continue
@@ -450,7 +455,7 @@ def write_plots(results: dict[str, Any], directory: str) -> list[str]:
 
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.8))
         egress: list[float] = [1.0]
-        for system in ("dfly", "bt", "http"):
+        for system in ("dfly", "dfly-saf", "bt", "http"):
             runs = sorted((r for r in swarm if r["system"] == system), key=lambda r: r["n"])
             if not runs:
                 continue
