@@ -7,14 +7,18 @@ only when the test says so.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tracemalloc
 from typing import Any
 
 from memhelpers import FrameCollector, PieceInfo, body, pieces_of
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from dfly.peer.node import DownloadRequest
+from dfly.peer.fetch import FetchSession
+from dfly.peer.link import LinkSession
+from dfly.peer.node import DownloadRequest, PeerNode, hash_range
 from dfly.pieces import MIB, OVERHEAD, TAIL, SliceHeader
 from dfly.wire.framing import encode_control
 from dfly.wire.protocol import CHUNK, FileRangeProducer, FramedProtocol, GrowingRange, SliceSource
@@ -173,3 +177,61 @@ def test_failed_range_is_never_read_again(tmp_path: Any) -> None:
         assert finished == [False] and done == [(False, 4 + 1000)] and transport.producer is None
     finally:
         os.close(fd)
+
+
+# -- the downloader -------------------------------------------------------------------
+
+
+def sync_hash(path: str, offset: int, length: int, md5: Any) -> Deferred[None]:
+    """The node's whole-file hasher, run inline (a memory reactor has no thread pool)."""
+    try:
+        hash_range(path, offset, length, md5)
+    except Exception:
+        return fail()
+    return succeed(None)
+
+
+def test_downloader_asks_for_relay_exactly_when_assigned(tmp_path: Any) -> None:
+    """D's get carries "relay": true when its assignment did and is otherwise byte for byte
+    the get of before; a relay field that is not a boolean is a protocol error on the link."""
+    clock = MemoryReactorClock()
+    node = PeerNode(clock, str(tmp_path / "d"), [("127.0.0.1", 8002)], peer_id="d", hasher=sync_hash)
+    link_transport = StringTransport()
+    link = FramedProtocol(lambda wire: LinkSession(wire, node.link))
+    link.makeConnection(link_transport)
+    assert isinstance(link.session, LinkSession)
+    node.link.session = link.session
+    node.link.address = ("127.0.0.1", 8002)
+    outcome: list[Any] = []
+    node.download(DownloadRequest(URL)).addBoth(outcome.append)
+    link.dataReceived(encode_control({
+        "op": "registered", "req": 1, "task": TID, "state": "running", "length": len(CONTENT),
+        "piece_size": P, "piece_count": len(INFOS), "md5": hashlib.md5(CONTENT).hexdigest(),
+    }))
+    source_transport = StringTransport()
+    source = FramedProtocol(lambda wire: FetchSession(wire, node.sources, RELAY))
+    source.makeConnection(source_transport)
+    assert isinstance(source.session, FetchSession)
+    node.sources._sessions[RELAY] = source.session
+    try:
+        for piece, extra in ((0, {"relay": True}), (1, {}), (2, {"relay": False})):
+            info = INFOS[piece]
+            link.dataReceived(encode_control({
+                "op": "assign", "task": TID, "piece": piece, "len": info.data_len, "piece_size": P,
+                "md5": info.md5, "source": {"id": "r", "host": RELAY[0], "port": RELAY[1]}, **extra,
+            }))
+        assert source_transport.value() == (
+            encode_control({"op": "get", "task": TID, "piece": 0, "relay": True})
+            + encode_control({"op": "get", "task": TID, "piece": 1})
+            + encode_control({"op": "get", "task": TID, "piece": 2})
+        )
+        link.dataReceived(encode_control({
+            "op": "assign", "task": TID, "piece": 0, "len": INFOS[0].data_len, "piece_size": P,
+            "md5": INFOS[0].md5, "source": {"id": "r", "host": RELAY[0], "port": RELAY[1]}, "relay": "yes",
+        }))
+        assert link_transport.disconnecting
+    finally:
+        node.stop()
+    assert len(outcome) == 1
+
+

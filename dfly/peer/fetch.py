@@ -9,6 +9,9 @@ given to another source is marked I{stale}: its bytes are dropped and its
 outcome ignored.  If nothing arrives for C{stall_timeout} seconds while
 requests are outstanding, the connection is aborted and they all fail.
 
+A request made for a relay assignment (the source may still be receiving the
+piece) sends C{"relay": true} in its C{get}; nothing else about it differs.
+
 With a download rate limit the pool's connections share one bucket and each is
 paused while it is in debt.  Such a pause is our doing, not the source's: the
 stall timer and the piece deadline stop while the connection is throttled and
@@ -46,12 +49,14 @@ class PieceRequest:
         data_len: int,
         md5: str,
         on_result: Callable[[PieceRequest, str | None], None],
+        relay: bool = False,
     ) -> None:
         self.task = task
         self.piece = piece
         self.data_len = data_len
         self.md5 = md5
         self.on_result = on_result
+        self.relay = relay  # ask the source for a piece it may still be receiving
         self.stale = False
         self.received = 0
         self.finished = False
@@ -88,7 +93,10 @@ class FetchSession:
 
     def request(self, req: PieceRequest) -> None:
         self.sent.append(req)
-        self.wire.send_control({"op": "get", "task": req.task.task_id, "piece": req.piece})
+        msg: dict[str, Any] = {"op": "get", "task": req.task.task_id, "piece": req.piece}
+        if req.relay:
+            msg["relay"] = True
+        self.wire.send_control(msg)
         self._arm()
         self._arm_deadline()
 

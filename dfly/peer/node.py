@@ -55,6 +55,7 @@ from dfly.urls import (
 from dfly.wire.framing import MAX_CONTROL
 from dfly.wire.messages import (
     encode_ranges,
+    get_bool,
     get_int,
     get_md5,
     get_opt_int,
@@ -496,6 +497,7 @@ class PeerNode:
             raise BadControlMessage("assign: piece size changed")
         data_len = get_int(msg, "len", 0, dl.piece_size - 5)
         md5 = get_md5(msg, "md5")
+        relay = get_bool(msg, "relay")
         store = self.store.get(task_id)
         assert store is not None
         if piece in store.have:
@@ -508,7 +510,7 @@ class PeerNode:
         def result(req: PieceRequest, error: str | None) -> None:
             self._piece_result(dl, req, source_id, error)
 
-        req = PieceRequest(store, piece, data_len, md5, result)
+        req = PieceRequest(store, piece, data_len, md5, result, relay=relay)
         dl.running[piece] = req
         self.sources.fetch(host, port, req)
 
