@@ -422,7 +422,6 @@ async def via_daemon(reactor: Any, opts: Options, out: Output, reporter: Reporte
 async def in_process(reactor: Any, opts: Options, out: Output, reporter: Reporter) -> dict[str, Any]:
     from dfly.peer.node import DownloadRequest, PeerNode, stats_line
     from dfly.wire.protocol import FramedFactory
-    from dfly.wire.serve import SliceServerSession
 
     home = tempfile.mkdtemp(prefix=".dfly-peer-", dir=os.path.dirname(out.path))
     # Also on Ctrl-C or SIGTERM, when the finally below never runs.
@@ -432,7 +431,7 @@ async def in_process(reactor: Any, opts: Options, out: Output, reporter: Reporte
         upload_rate=opts["upload-rate"], download_rate=opts["download-rate"],
     )
     port = await serverFromString(reactor, "tcp:0").listen(
-        FramedFactory(lambda wire: SliceServerSession(wire, node.lookup), upload=node.upload_bucket)
+        FramedFactory(node.upload_session, upload=node.upload_bucket)
     )
     try:
         node.start(port.getHost().port)

@@ -40,7 +40,7 @@ KNOWN_PROBLEMS: dict[str, str] = {}
 FIELDS = [
     "task", "piece", "req", "url", "peer", "port", "host", "source", "md5", "len", "piece_size",
     "reason", "state", "generation", "length", "piece_count", "kind", "status", "headers", "filter",
-    "have", "identifier", "version", "received", "total", "path",
+    "have", "identifier", "version", "received", "total", "path", "relay",
 ]
 PLAUSIBLE: list[Any] = [
     *fuzz.URLS,
@@ -73,6 +73,7 @@ TEMPLATES: list[dict[str, Any]] = [
     {"op": "leave", "task": FILE_TASK},
     {"op": "get", "task": FILE_TASK, "piece": 0},
     {"op": "get", "task": fuzz.SLICE_TASKS[0], "piece": 1},
+    {"op": "get", "task": fuzz.SLICE_TASKS[1], "piece": 0, "relay": True},
     {"op": "nack", "task": fuzz.FETCH_TASK, "piece": 0, "reason": "not held"},
     {"op": "slice", "task": fuzz.FETCH_TASK, "piece": 0, "len": 0, "piece_size": fuzz.P},
     {"op": "welcome", "version": 1},
@@ -84,6 +85,10 @@ TEMPLATES: list[dict[str, Any]] = [
     {
         "op": "assign", "task": FILE_TASK, "piece": 0, "source": "cdn", "len": 3000, "piece_size": fuzz.P,
         "md5": fuzz.piece_md5(fuzz.FILE_CONTENT),
+    },
+    {
+        "op": "assign", "task": FILE_TASK, "piece": 0, "source": {"id": "p9", "host": "10.0.0.5", "port": 15001},
+        "len": 3000, "piece_size": fuzz.P, "md5": fuzz.piece_md5(fuzz.FILE_CONTENT), "relay": True,
     },
     {"op": "download", "url": fuzz.FILE_URL},
 ]

@@ -742,7 +742,7 @@ class SliceServerWorld(World):
         piece = rng.choice([1, 1, 1, 2, 3, 0]) if rng.random() < 0.98 else 0
         if piece == 0 and rng.random() < 0.95:
             piece = 1
-        return {"op": "get", "task": task, "piece": piece}
+        return {"op": "get", "task": task, "piece": piece, **({"relay": True} if rng.random() < 0.2 else {})}
 
 
 @dataclass
@@ -946,6 +946,7 @@ class LinkWorld(_PeerWorld):
         return {
             "op": "assign", "task": self.some_task(rng), "piece": rng.choice([0, 0, 1]), "source": source,
             "md5": piece_md5(FILE_CONTENT), "len": data_len, "piece_size": P,
+            **({"relay": True} if rng.random() < 0.2 else {}),
         }
 
 

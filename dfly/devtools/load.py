@@ -53,8 +53,7 @@ from zope.interface import implementer
 
 from dfly.config import parse_hostport
 from dfly.peer.node import DownloadRequest, DownloadResult, PeerNode
-from dfly.wire.protocol import FramedFactory, FramedProtocol
-from dfly.wire.serve import SliceServerSession
+from dfly.wire.protocol import FramedFactory
 
 
 @dataclass
@@ -170,11 +169,8 @@ class LoadRun:
         )
         client = Client(i, home, node)
 
-        def session(wire: FramedProtocol) -> SliceServerSession:
-            return SliceServerSession(wire, node.lookup)
-
         client.port = await serverFromString(self.reactor, "tcp:0:interface=127.0.0.1").listen(
-            FramedFactory(session)
+            FramedFactory(node.upload_session)
         )
         node.start(client.port.getHost().port)
         return client

@@ -9,6 +9,19 @@ given to another source is marked I{stale}: its bytes are dropped and its
 outcome ignored.  If nothing arrives for C{stall_timeout} seconds while
 requests are outstanding, the connection is aborted and they all fail.
 
+A request made for a relay assignment (the source may still be receiving the
+piece) sends C{"relay": true} in its C{get}; nothing else about it differs.
+
+A request may in turn be followed by relay readers (other peers fetching the
+piece from us while it arrives, see L{dfly.peer.node}): it then has a
+L{GrowingRange}, told of every byte written (one counter update per received
+chunk; nothing at all for a request nobody follows).  The range is failed, and
+its readers cut off, the moment the request's bytes stop being trustworthy: it
+is marked stale (which happens before any other request for that piece exists,
+so before anything else is written at its offset), its write fails, or it
+finishes with an error.  It completes only once the piece is verified and
+held, and a held piece is never written again.
+
 With a download rate limit the pool's connections share one bucket and each is
 paused while it is in debt.  Such a pause is our doing, not the source's: the
 stall timer and the piece deadline stop while the connection is throttled and
@@ -31,7 +44,7 @@ from dfly.errors import BadControlMessage, ProtocolError
 from dfly.peer.store import StoredTask
 from dfly.ratelimit import TokenBucket
 from dfly.wire.messages import get_int, get_opt_str, get_task_id
-from dfly.wire.protocol import FramedFactory, FramedProtocol
+from dfly.wire.protocol import FramedFactory, FramedProtocol, GrowingRange
 
 READ_SIZE = 512 * 1024
 
@@ -46,23 +59,53 @@ class PieceRequest:
         data_len: int,
         md5: str,
         on_result: Callable[[PieceRequest, str | None], None],
+        relay: bool = False,
     ) -> None:
         self.task = task
         self.piece = piece
         self.data_len = data_len
         self.md5 = md5
         self.on_result = on_result
-        self.stale = False
+        self.relay = relay  # ask the source for a piece it may still be receiving
+        self._stale = False
         self.received = 0
         self.finished = False
         self.local_error: str | None = None
+        # Relay readers following this request's bytes (set by the node when one asks).
+        self.feed: GrowingRange | None = None
+
+    @property
+    def stale(self) -> bool:
+        """The piece went to another source (or the task went): drop the bytes, ignore the outcome."""
+        return self._stale
+
+    @stale.setter
+    def stale(self, value: bool) -> None:
+        self._stale = value
+        if value:
+            # Before anyone writes this piece again, nobody may still be reading these bytes.
+            self.cut()
+
+    def cut(self) -> None:
+        """Stop every relay reader of this request's bytes."""
+        if self.feed is not None:
+            self.feed.fail()
 
     def finish(self, error: str | None) -> None:
         if self.finished:
             return
         self.finished = True
+        if error is not None:
+            self.cut()
         if not self.stale:
             self.on_result(self, error)
+        feed = self.feed
+        if feed is not None and not feed.ended:
+            # Readers may send the tail only of bytes that are now held (so never rewritten).
+            if not self.stale and self.piece in self.task.have:
+                feed.finish()
+            else:
+                feed.fail()
 
 
 class FetchSession:
@@ -88,7 +131,10 @@ class FetchSession:
 
     def request(self, req: PieceRequest) -> None:
         self.sent.append(req)
-        self.wire.send_control({"op": "get", "task": req.task.task_id, "piece": req.piece})
+        msg: dict[str, Any] = {"op": "get", "task": req.task.task_id, "piece": req.piece}
+        if req.relay:
+            msg["relay"] = True
+        self.wire.send_control(msg)
         self._arm()
         self._arm_deadline()
 
@@ -171,13 +217,18 @@ class FetchSession:
     def slice_data(self, data: memoryview) -> None:
         req = self.current
         assert req is not None
+        received = req.received + len(data)
         if not req.stale and req.local_error is None:
             try:
                 req.task.write(req.piece, req.received, data)
             except OSError as e:
                 # Our disk, not the source, failed: remember it and keep draining the slice.
                 req.local_error = f"cannot write piece {req.piece}: {e.strerror or e}"
-        req.received += len(data)
+                req.cut()
+            else:
+                if req.feed is not None:
+                    req.feed.grew(received)
+        req.received = received
         if self.timer is not None and self.timer.active():
             self.timer.reset(self.pool.stall_timeout)
 

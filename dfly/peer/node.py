@@ -12,6 +12,22 @@ then no result is handed out.  The file md5 is taken as the download goes: each
 time the run of held pieces from the start of the file grows, that run is read
 back (from the page cache, in a worker thread, one run at a time) into the
 task's md5, so at the end only the last pieces remain to be hashed.
+
+Relay (cut-through).  The supernode may assign a piece from a peer that is
+still receiving it (C{"relay": true}); the fetch then asks with C{relay} too
+and checks the slice as always.  On the serving side, L{PeerNode.relay_lookup}
+answers such a C{get} for a piece being received at once: the slice frame and
+header, then the bytes as the running request writes them, read back from the
+data file through the request's L{GrowingRange}.  A C{get} that comes before
+our own assignment (it travels another path) is answered the same way if the
+task's length gives the piece's size: its range waits up to C{RELAY_GRACE}
+seconds for the attempt to start and is handed to it; if none starts, or it
+starts with another length, the range fails.  A range fails (and the
+connections reading it are aborted) before any byte could be written over what
+it has shown: a new attempt at a piece first marks the old one stale, which
+fails its range; a reset, failed or removed task fails every range of its
+store before the file goes.  It completes once the piece is held, and held
+bytes are never written again.
 """
 
 from __future__ import annotations
@@ -34,13 +50,14 @@ from dfly.errors import (
     IntegrityError,
     NoSupernode,
     OriginError,
+    PieceUnavailable,
     StorageError,
     TaskFailed,
 )
 from dfly.peer.fetch import PieceRequest, SourcePool
 from dfly.peer.link import SupernodeLink
 from dfly.peer.store import PeerStore
-from dfly.pieces import check_piece_size
+from dfly.pieces import Layout, check_piece_size
 from dfly.ratelimit import make_bucket
 from dfly.urls import (
     check_digest,
@@ -55,6 +72,7 @@ from dfly.urls import (
 from dfly.wire.framing import MAX_CONTROL
 from dfly.wire.messages import (
     encode_ranges,
+    get_bool,
     get_int,
     get_md5,
     get_opt_int,
@@ -62,11 +80,16 @@ from dfly.wire.messages import (
     get_str,
     get_task_id,
 )
+from dfly.wire.protocol import FramedProtocol, GrowingRange, SliceSource
+from dfly.wire.serve import SliceServerSession
 
 if TYPE_CHECKING:
     from dfly.peer.stream import BlobStream
 
 Progress = Callable[[int, "int | None"], None]
+
+# Seconds a relay get for a piece we have not started yet waits for our own attempt.
+RELAY_GRACE = 3.0
 
 
 @dataclass
@@ -114,6 +137,15 @@ def hash_range(path: str, offset: int, length: int, md5: Any) -> None:
             left -= len(chunk)
 
 
+@dataclass
+class RelayWait:
+    """Relay readers of a piece whose own attempt has not started yet."""
+
+    feed: GrowingRange
+    data_len: int
+    timer: Any = None
+
+
 class Download:
     """One task this node is fetching (or has fetched and now shares)."""
 
@@ -127,6 +159,7 @@ class Download:
         self.piece_count: int | None = None
         self.file_md5: str | None = None
         self.running: dict[int, PieceRequest] = {}
+        self.relay_waits: dict[int, RelayWait] = {}
         self.from_cdn = 0
         self.from_peers = 0
         self.started = node.clock()
@@ -423,6 +456,7 @@ class PeerNode:
         for req in dl.running.values():
             req.stale = True
         dl.running.clear()
+        self._drop_relay_waits(dl)
         self.store.remove(dl.task_id)
         if dl.state == "done":
             if self.downloads.get(dl.task_id) is dl:
@@ -496,6 +530,7 @@ class PeerNode:
             raise BadControlMessage("assign: piece size changed")
         data_len = get_int(msg, "len", 0, dl.piece_size - 5)
         md5 = get_md5(msg, "md5")
+        relay = get_bool(msg, "relay")
         store = self.store.get(task_id)
         assert store is not None
         if piece in store.have:
@@ -508,7 +543,15 @@ class PeerNode:
         def result(req: PieceRequest, error: str | None) -> None:
             self._piece_result(dl, req, source_id, error)
 
-        req = PieceRequest(store, piece, data_len, md5, result)
+        req = PieceRequest(store, piece, data_len, md5, result, relay=relay)
+        wait = dl.relay_waits.pop(piece, None)
+        if wait is not None:
+            if wait.timer is not None and wait.timer.active():
+                wait.timer.cancel()
+            if wait.data_len == data_len:
+                req.feed = wait.feed
+            else:
+                wait.feed.fail()  # its readers were promised another length
         dl.running[piece] = req
         self.sources.fetch(host, port, req)
 
@@ -660,6 +703,7 @@ class PeerNode:
         for req in dl.running.values():
             req.stale = True
         dl.running.clear()
+        self._drop_relay_waits(dl)
         if leave:
             self.link.send({"op": "leave", "task": dl.task_id})
         if self.downloads.get(dl.task_id) is dl:
@@ -673,12 +717,66 @@ class PeerNode:
         dl.notify()
 
     # -- sharing ---------------------------------------------------------------
+    def upload_session(self, wire: FramedProtocol) -> SliceServerSession:
+        """A session of the upload server: held pieces, and pieces being received for relay gets."""
+        return SliceServerSession(wire, self.lookup, self.relay_lookup)
+
     def lookup(self, task_id: str, piece: int, who: str) -> Any:
         result = self.store.lookup(task_id, piece, who)
         stored = self.store.get(task_id)
         if stored is not None:
             stored.last_access = self.clock()
         return result
+
+    def relay_lookup(self, task_id: str, piece: int, who: str) -> tuple[SliceSource, int, int]:
+        """The answer to a relay get: a held piece as L{lookup}; else the piece our running
+        request is receiving, or, if our attempt has not started but the task's length gives
+        the piece's size, one that waits up to C{RELAY_GRACE} for it; else L{PieceUnavailable}."""
+        try:
+            result: tuple[SliceSource, int, int] = self.lookup(task_id, piece, who)
+            return result
+        except PieceUnavailable:
+            dl = self.downloads.get(task_id)
+            store = dl.store if dl is not None else None
+            if dl is None or store is None or dl.state != "registered":
+                raise
+        req = dl.running.get(piece)
+        if req is not None and not req.stale and not req.finished and req.local_error is None:
+            task = req.task  # the file the attempt writes to
+            if req.feed is None:
+                req.feed = task.follow()
+                req.feed.grew(req.received)
+            return task.slice_source(piece, req.data_len, req.feed), task.piece_size, req.data_len
+        wait = dl.relay_waits.get(piece)
+        if wait is None:
+            if dl.length is None:
+                raise PieceUnavailable(f"piece {piece} is neither held nor being received here")
+            layout = Layout(dl.length, store.piece_size)
+            if piece >= layout.count:
+                raise PieceUnavailable(f"piece {piece} is not part of the task")
+            wait = RelayWait(store.follow(), layout.data_len(piece))
+            wait.timer = self.reactor.callLater(RELAY_GRACE, self._relay_unstarted, dl, piece, wait)
+            dl.relay_waits[piece] = wait
+        return store.slice_source(piece, wait.data_len, wait.feed), store.piece_size, wait.data_len
+
+    def _relay_unstarted(self, dl: Download, piece: int, wait: RelayWait) -> None:
+        if dl.relay_waits.get(piece) is not wait:
+            return
+        del dl.relay_waits[piece]
+        self._log.info(
+            "no attempt at piece {piece} of {task_id} within {grace:g} s; cutting off its relay readers",
+            piece=piece, task_id=dl.task_id, grace=RELAY_GRACE,
+        )
+        wait.feed.fail()
+
+    @staticmethod
+    def _drop_relay_waits(dl: Download) -> None:
+        waits = list(dl.relay_waits.values())
+        dl.relay_waits.clear()
+        for wait in waits:
+            if wait.timer is not None and wait.timer.active():
+                wait.timer.cancel()
+            wait.feed.fail()
 
     def _expire_tick(self) -> None:
         now = self.clock()

@@ -5,17 +5,25 @@ n*(P-5)), so a complete task is the finished file itself.  A piece counts as
 held only after its slice passed the md5 check; bytes of a piece that is not
 held are never served, and a held piece is never written again, so a late or
 lying source cannot damage what was verified.
+
+The one exception is a relay (L{StoredTask.slice_source} with a
+L{GrowingRange}): the bytes of a piece still arriving, read back as the fetch
+writes them, only as far as the range says they are written.  Every such
+range is remembered (weakly) by its task, and removing the task fails them all
+before its file is closed, so no relay reader ever reads a closed (or reused)
+descriptor.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import weakref
 from dataclasses import dataclass, field
 
 from dfly.errors import PieceUnavailable
 from dfly.pieces import OVERHEAD, TAIL, SliceHeader, pwrite_all
-from dfly.wire.protocol import SliceSource
+from dfly.wire.protocol import GrowingRange, SliceSource
 
 
 @dataclass
@@ -31,6 +39,8 @@ class StoredTask:
     last_access: float = 0.0
     leases: int = 0
     uploaded_bytes: int = 0
+    # Ranges relay readers may follow: failed when the task is removed.
+    relays: weakref.WeakSet[GrowingRange] = field(default_factory=weakref.WeakSet)
 
     @property
     def data_path(self) -> str:
@@ -51,6 +61,30 @@ class StoredTask:
 
     def size(self) -> int:
         return sum(self.have.values())
+
+    def follow(self) -> GrowingRange:
+        """A new range for relay readers of a piece being received, failed if the task goes."""
+        growing = GrowingRange()
+        self.relays.add(growing)
+        return growing
+
+    def slice_source(self, piece: int, data_len: int, growing: GrowingRange | None = None) -> SliceSource:
+        """Piece C{piece} of C{data_len} data bytes as a slice for the upload server; with
+        C{growing}, bytes still arriving (read only as far as that range says)."""
+
+        def done(ok: bool, sent: int) -> None:
+            self.uploaded_bytes += sent
+
+        header = SliceHeader(data_len, self.piece_size).encode()
+        return SliceSource(
+            self.fd, self.data_offset(piece), data_len, header, TAIL, on_done=done, growing=growing
+        )
+
+    def close(self) -> None:
+        """Stop every relay reader, then close the file."""
+        for growing in list(self.relays):
+            growing.fail()
+        os.close(self.fd)
 
 
 class PeerStore:
@@ -83,7 +117,7 @@ class PeerStore:
     def remove(self, task_id: str) -> None:
         task = self.tasks.pop(task_id, None)
         if task is not None:
-            os.close(task.fd)
+            task.close()
             shutil.rmtree(task.directory, ignore_errors=True)
 
     def close(self) -> None:
@@ -98,10 +132,4 @@ class PeerStore:
         data_len = task.have.get(piece)
         if data_len is None:
             raise PieceUnavailable(f"piece {piece} is not held here")
-
-        def done(ok: bool, sent: int) -> None:
-            task.uploaded_bytes += sent
-
-        header = SliceHeader(data_len, task.piece_size).encode()
-        source = SliceSource(task.fd, task.data_offset(piece), data_len, header, TAIL, on_done=done)
-        return source, task.piece_size, data_len
+        return task.slice_source(piece, data_len), task.piece_size, data_len

@@ -211,7 +211,7 @@ class PeerService(ListeningService):
             os.unlink(sock)
 
         def upload_session(wire: FramedProtocol) -> SliceServerSession:
-            return SliceServerSession(wire, node.lookup)
+            return node.upload_session(wire)
 
         def api_session(wire: FramedProtocol) -> LocalApiSession:
             return LocalApiSession(wire, node)

@@ -15,6 +15,18 @@ With an C{idle_timeout}, a connection that neither sends anything nor takes
 any of what it is sent for that long is closed (slow-loris, dead peers);
 long-lived control connections stay up with pings.
 
+A slice may also be relayed while it is still arriving: its L{SliceSource}
+then carries a L{GrowingRange}, the writer's side of that piece (bytes written
+so far, done, failed).  The producer reads only bytes the writer has counted,
+sends the tail only once the writer says the whole slice is verified, and when
+it has caught up it writes nothing and waits in the range (a pull producer the
+transport would not resume by itself: the writer's next L{GrowingRange.grew}
+does).  A failed range wakes its readers, and every read checks the flag first,
+so nothing is read once the writer gave the bytes up; whoever queued the slice
+also hears of the failure (L{GrowingRange.attach}) and aborts the connection.
+Aborting a connection stops its producer at once, not when the transport gets
+round to it.
+
 Rate limits (L{dfly.ratelimit}): with an C{upload} bucket the slice producer
 takes tokens before each read and, when it gets none, waits in the bucket's
 queue instead of writing (the transport then stops asking it for more until
@@ -61,8 +73,95 @@ class Session(TypingProtocol):
     def connection_lost(self, reason: Failure) -> None: ...
 
 
+class GrowingRange:
+    """The writer's side of a byte range that is still being filled in, for readers that follow it.
+
+    The writer calls L{grew} with the bytes written so far (from the start of the range, in
+    order), then L{finish} once they are complete and verified, or L{fail} when they are given
+    up; the owner of the file may also fail a complete range when the file goes away.  A
+    reader that has caught up registers a callable with L{wait}; each is called once, at the
+    next change.  L{attach} registers a callable that L{fail} calls, for whoever must cut a
+    reader off (abort its connection) at once.
+    """
+
+    _log = Logger()
+
+    def __init__(self) -> None:
+        self.available = 0
+        self.complete = False
+        self.failed = False
+        self._waiting: list[Callable[[], None]] = []
+        self._cuts: list[Callable[[], None]] = []
+
+    @property
+    def ended(self) -> bool:
+        return self.complete or self.failed
+
+    def grew(self, available: int) -> None:
+        """The first C{available} bytes are written (the hot path: keep it this small)."""
+        self.available = available
+        if self._waiting:
+            self._wake()
+
+    def finish(self) -> None:
+        """Every byte is written and verified: readers may read to the end and send the tail."""
+        if self.ended:
+            return
+        self.complete = True
+        self._wake()
+
+    def fail(self) -> None:
+        """The bytes are given up (they may be rewritten, or their file closed): cut every
+        reader off now."""
+        if self.failed:
+            return
+        self.failed = True
+        cuts, self._cuts = self._cuts, []
+        for cut in cuts:
+            self._call(cut)
+        self._wake()
+
+    def wait(self, wake: Callable[[], None]) -> None:
+        """Call C{wake} once, at the next L{grew}, L{finish} or L{fail}."""
+        if self.ended:
+            self._call(wake)
+        else:
+            self._waiting.append(wake)
+
+    def unwait(self, wake: Callable[[], None]) -> None:
+        if wake in self._waiting:
+            self._waiting.remove(wake)
+
+    def attach(self, cut: Callable[[], None]) -> None:
+        """Call C{cut} if the range fails (at once if it already has)."""
+        if self.failed:
+            self._call(cut)
+        else:
+            self._cuts.append(cut)
+
+    def detach(self, cut: Callable[[], None]) -> None:
+        if cut in self._cuts:
+            self._cuts.remove(cut)
+
+    def _wake(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for wake in waiting:
+            self._call(wake)
+
+    def _call(self, fn: Callable[[], None]) -> None:
+        # A reader's trouble must never reach the writer (a download's receive path).
+        try:
+            fn()
+        except Exception:
+            self._log.failure("relay reader failed")
+
+
 class SliceSource:
-    """Bytes of one slice on disk: C{prefix}, then C{length} bytes of C{fd} from C{offset}, then C{suffix}."""
+    """Bytes of one slice on disk: C{prefix}, then C{length} bytes of C{fd} from C{offset}, then C{suffix}.
+
+    With C{growing}, the C{length} bytes are still being written: only the first
+    C{growing.available} may be read, and the suffix goes out once C{growing.complete}.
+    """
 
     def __init__(
         self,
@@ -72,6 +171,7 @@ class SliceSource:
         prefix: bytes = b"",
         suffix: bytes = b"",
         on_done: Callable[[bool, int], None] | None = None,
+        growing: GrowingRange | None = None,
     ) -> None:
         self.fd = fd
         self.offset = offset
@@ -79,6 +179,7 @@ class SliceSource:
         self.prefix = prefix
         self.suffix = suffix
         self.on_done = on_done
+        self.growing = growing
 
     @property
     def total(self) -> int:
@@ -106,6 +207,7 @@ class FileRangeProducer:
         self._sent = 0
         self._finished = finished
         self._done = False
+        self._following = False  # caught up with a growing source, waiting for its writer
 
     def start(self) -> None:
         if self._source.prefix:
@@ -115,10 +217,18 @@ class FileRangeProducer:
 
     def resumeProducing(self) -> None:
         """IPullProducer API: send the next chunk, or finish."""
-        if self._done or self._wait is not None:
+        if self._done or self._wait is not None or self._following:
             return
         src = self._source
-        left = src.length - self._pos
+        end = src.length
+        growing = src.growing
+        if growing is not None:
+            if growing.failed:
+                self._finish(False)
+                return
+            if not growing.complete:
+                end = min(end, growing.available)
+        left = end - self._pos
         if left > 0:
             want = min(CHUNK, left)
             if self._bucket is not None:
@@ -142,8 +252,13 @@ class FileRangeProducer:
             self._consumer.write(chunk)
             if self._touch is not None:
                 self._touch()
-            if self._pos < src.length:
+            if self._pos < src.length or (growing is not None and not growing.complete):
                 return
+        elif growing is not None and not growing.complete:
+            # Caught up with the writer: write nothing; its next change resumes us.
+            self._following = True
+            growing.wait(self._grown)
+            return
         if src.suffix:
             self._consumer.write(src.suffix)
             self._sent += len(src.suffix)
@@ -151,6 +266,10 @@ class FileRangeProducer:
 
     def _woken(self) -> None:
         self._wait = None
+        self.resumeProducing()
+
+    def _grown(self) -> None:
+        self._following = False
         self.resumeProducing()
 
     def stopProducing(self) -> None:
@@ -164,6 +283,10 @@ class FileRangeProducer:
         if self._wait is not None:
             self._wait.cancel()
             self._wait = None
+        if self._following:
+            self._following = False
+            assert self._source.growing is not None
+            self._source.growing.unwait(self._grown)
         self._consumer.unregisterProducer()
         if self._source.on_done is not None:
             self._source.on_done(ok, self._sent)
@@ -196,6 +319,7 @@ class FramedProtocol(Protocol):
         self._idle: Any = None
         self._queue: deque[tuple[bytes, SliceSource | None]] = deque()
         self._busy = False
+        self._producer: FileRangeProducer | None = None
         self._closed = False
         self.session: Session | None = None
         self.parser: FrameParser | None = None
@@ -252,6 +376,8 @@ class FramedProtocol(Protocol):
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None
+        if self._producer is not None:
+            self._producer.stopProducing()
         for _, src in self._queue:
             if src is not None and src.on_done is not None:
                 src.on_done(False, 0)
@@ -305,6 +431,9 @@ class FramedProtocol(Protocol):
             return
         self._closed = True
         if abort:
+            # Nothing more of this connection's slice is read, from now on.
+            if self._producer is not None:
+                self._producer.stopProducing()
             self.transport.abortConnection()  # type: ignore[attr-defined]
         else:
             self.transport.loseConnection()
@@ -325,14 +454,16 @@ class FramedProtocol(Protocol):
             self.transport.write(frame)
             if source is not None:
                 self._busy = True
-                FileRangeProducer(
+                self._producer = FileRangeProducer(
                     self.transport, source, self._slice_sent, self.touch, self._upload  # type: ignore[arg-type]
-                ).start()
+                )
+                self._producer.start()
                 return
         self._busy = False
 
     def _slice_sent(self, ok: bool) -> None:
         self._busy = False
+        self._producer = None
         if not ok:
             self.close(abort=True)
             return
