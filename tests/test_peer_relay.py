@@ -758,3 +758,51 @@ def test_relay_gets_with_garbage_get_a_nack_or_a_protocol_error(
     feed = busy_relay.r_attempt(0).feed  # still receiving, and nobody left attached to it
     assert feed is None or (feed._cuts == [] and feed._waiting == [] and not feed.ended)
     assert log_watch.failures == []
+
+
+def test_results_name_the_attempt_they_report_on(tmp_path: Any) -> None:
+    """A done or fail report carries the attempt number of the assign it answers (the
+    supernode tells late reports of a withdrawn attempt from current ones by it); an
+    assign without one gets a report without one, as before."""
+    from dfly.pieces import wrap
+
+    clock = MemoryReactorClock()
+    node = PeerNode(clock, str(tmp_path / "d"), [("127.0.0.1", 8002)], peer_id="d", hasher=sync_hash)
+    link_transport = StringTransport()
+    link = FramedProtocol(lambda wire: LinkSession(wire, node.link))
+    link.makeConnection(link_transport)
+    assert isinstance(link.session, LinkSession)
+    node.link.session = link.session
+    node.link.address = ("127.0.0.1", 8002)
+    node.download(DownloadRequest(URL)).addErrback(lambda _: None)
+    link.dataReceived(encode_control({
+        "op": "registered", "req": 1, "task": TID, "state": "running", "length": len(CONTENT),
+        "piece_size": P, "piece_count": len(INFOS), "md5": hashlib.md5(CONTENT).hexdigest(),
+    }))
+    source_transport = StringTransport()
+    source = FramedProtocol(lambda wire: FetchSession(wire, node.sources, RELAY))
+    source.makeConnection(source_transport)
+    assert isinstance(source.session, FetchSession)
+    node.sources._sessions[RELAY] = source.session
+    sent = FrameCollector()
+    try:
+        for piece, extra in ((0, {"attempt": 41}), (1, {"attempt": 42}), (2, {})):
+            info = INFOS[piece]
+            link.dataReceived(encode_control({
+                "op": "assign", "task": TID, "piece": piece, "len": info.data_len, "piece_size": P,
+                "md5": info.md5, "source": {"id": "r", "host": RELAY[0], "port": RELAY[1]}, **extra,
+            }))
+        link_transport.clear()
+        answer = {"task": TID, "len": INFOS[0].data_len, "piece_size": P}
+        source.dataReceived(
+            encode_control({"op": "slice", "piece": 0, **answer}) + wrap(INFOS[0].data, P)
+            + encode_control({"op": "nack", "task": TID, "piece": 1, "reason": "gone"})
+            + encode_control({"op": "slice", "piece": 2, **answer, "len": INFOS[2].data_len}) + wrap(INFOS[2].data, P)
+        )
+        sent.feed(link_transport.value())
+        reports = [m for kind, m in sent.events if kind == "control" and m["op"] in ("done", "fail")]
+        assert [(m["op"], m["piece"], m.get("attempt")) for m in reports] == [
+            ("done", 0, 41), ("fail", 1, 42), ("done", 2, None),
+        ]
+    finally:
+        node.stop()

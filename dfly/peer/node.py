@@ -523,8 +523,14 @@ class PeerNode:
             port = get_int(raw_source, "port", 1, 65535)
         else:
             raise BadControlMessage("assign: bad source")
+        # The attempt number goes back with the result, so that the supernode can tell it
+        # from a report on an earlier, withdrawn attempt at the same piece and source.
+        attempt = get_opt_int(msg, "attempt", 0, 1 << 62)
+        tag = {} if attempt is None else {"attempt": attempt}
         if dl is None or dl.state not in ("registered",) or dl.piece_size is None:
-            self.link.send({"op": "fail", "task": task_id, "piece": piece, "source": source_id, "reason": "not downloading"})
+            self.link.send(
+                {"op": "fail", "task": task_id, "piece": piece, "source": source_id, "reason": "not downloading", **tag}
+            )
             return
         if get_int(msg, "piece_size") != dl.piece_size:
             raise BadControlMessage("assign: piece size changed")
@@ -534,14 +540,14 @@ class PeerNode:
         store = self.store.get(task_id)
         assert store is not None
         if piece in store.have:
-            self.link.send({"op": "done", "task": task_id, "piece": piece, "source": source_id})
+            self.link.send({"op": "done", "task": task_id, "piece": piece, "source": source_id, **tag})
             return
         old = dl.running.get(piece)
         if old is not None:
             old.stale = True
 
         def result(req: PieceRequest, error: str | None) -> None:
-            self._piece_result(dl, req, source_id, error)
+            self._piece_result(dl, req, source_id, error, tag)
 
         req = PieceRequest(store, piece, data_len, md5, result, relay=relay)
         wait = dl.relay_waits.pop(piece, None)
@@ -555,12 +561,14 @@ class PeerNode:
         dl.running[piece] = req
         self.sources.fetch(host, port, req)
 
-    def _piece_result(self, dl: Download, req: PieceRequest, source_id: str, error: str | None) -> None:
+    def _piece_result(
+        self, dl: Download, req: PieceRequest, source_id: str, error: str | None, tag: dict[str, int]
+    ) -> None:
         if dl.running.get(req.piece) is req:
             del dl.running[req.piece]
         if dl.state != "registered":
             return
-        report = {"task": dl.task_id, "piece": req.piece, "source": source_id}
+        report = {"task": dl.task_id, "piece": req.piece, "source": source_id, **tag}
         if req.local_error is not None:
             self._fail(dl, StorageError(req.local_error))
             return
