@@ -54,7 +54,7 @@ def test_supernode_defaults() -> None:
     assert opts["piece-size"] is None
     assert (opts["cdn-limit"], opts["up-limit"], opts["down-limit"]) == (4, 1, 1)
     assert (opts["blacklist-limit"], opts["isolation-limit"]) == (3, 5)
-    assert (opts["no-relay"], opts["relay-depth"]) == (0, 8)
+    assert (opts["no-relay"], opts["relay-depth"]) == (0, 32)
     assert opts["origin-timeout"] == 60.0
     assert opts["ready-file"] is None
     assert os.path.isabs(opts["home"])

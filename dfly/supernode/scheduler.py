@@ -80,7 +80,7 @@ DEFAULT_BLACKLIST_LIMIT = 3
 DEFAULT_ISOLATION_LIMIT = 5
 # Relays in a row behind a peer before it may not relay the piece on: each hop adds a
 # little delay (a read chunk, a request), and a chain breaks at its weakest link.
-DEFAULT_RELAY_DEPTH = 8
+DEFAULT_RELAY_DEPTH = 32
 
 
 @dataclass(frozen=True)
