@@ -235,3 +235,15 @@ def test_targets_pass_and_miss() -> None:
     rows = benchreport.swarm_rows(results["swarm"])
     assert rows[0][:10] == ["8", "dfly", "10.0", "1.10", "1.06", "1.10", "0.90", "1.00", "0.01", "1.00"]
     assert rows[1][3] == "≥8.00"
+
+
+def test_quick_run_writes_beside_its_work_not_over_the_full_figures(tmp_path: Any, monkeypatch: Any) -> None:
+    """A full run writes docs/BENCHMARKS.md; --quick writes into its work directory unless
+    --out says otherwise, so a quick look never replaces the committed figures."""
+    from dfly.devtools import bench
+
+    monkeypatch.chdir(tmp_path)
+    assert bench.parse_args([]).out == str(tmp_path / "docs")
+    assert bench.parse_args(["--quick"]).out == str(tmp_path / "bench-run")
+    assert bench.parse_args(["--quick", "--workdir", "w"]).out == str(tmp_path / "w")
+    assert bench.parse_args(["--quick", "--out", "o"]).out == str(tmp_path / "o")

@@ -679,7 +679,8 @@ def parse_args(argv: list[str] | None) -> Config:
     p.add_argument("--http-deadline-factor", type=float, default=1.5, help="plain HTTP stops at this x T* (default 1.5)")
     p.add_argument("--workdir", default="bench-run", help="working directory (default ./bench-run)")
     p.add_argument("--keep", action="store_true", help="keep each swarm round's logs and outputs under --workdir")
-    p.add_argument("--out", default="docs", help="where BENCHMARKS.md and bench/ go (default ./docs)")
+    p.add_argument("--out", default=None,
+                   help="where BENCHMARKS.md and bench/ go (default ./docs; with --quick, the work directory)")
     a = p.parse_args(argv)
     peers = a.peers or ("4,8" if a.quick else "4,8,16,32")
     try:
@@ -695,7 +696,8 @@ def parse_args(argv: list[str] | None) -> Config:
             sim_size=parse_size(a.sim_size),
             sim_timeout=a.sim_timeout,
             workdir=os.path.abspath(a.workdir),
-            out=os.path.abspath(a.out),
+            # A quick run never replaces the figures of a full one.
+            out=os.path.abspath(a.out or (a.workdir if a.quick else "docs")),
             deadline_factor=a.deadline_factor,
             http_deadline_factor=a.http_deadline_factor,
             piece_size=parse_size(a.piece_size),
