@@ -796,3 +796,35 @@ def test_blacklisted_and_isolated_peers_do_not_relay() -> None:
     for a in s.join(T, "y"):
         assert a.source not in ("bad", "x")
     check_invariants(s)
+
+
+def test_cdn_streams_a_piece_while_it_arrives_and_peers_relay_it() -> None:
+    """A piece the CDN has started receiving (its size known) goes to one peer from the CDN
+    at once, as a relay (its md5 comes later), and on down a chain of relays; when the piece
+    is whole nothing is assigned twice, and the downloads end as usual."""
+    s = Scheduler(up_limit=1, down_limit=1)
+    s.add_task(T)
+    for pid in ("a", "b", "c"):
+        assert s.join(T, pid) == []
+    new = s.cdn_piece_started(T, 0)
+    by_peer = {a.peer: a for a in new}
+    assert set(by_peer) == {"a", "b", "c"}
+    assert all(a.relay for a in new)
+    assert [a.source for a in new].count(CDN) == 1
+    task = s.tasks[T]
+    assert sorted(task.members[p].hops[0] for p in by_peer) == [1, 2, 3]
+    assert s.cdn_piece_ready(T, 0) == []
+    assert task.streaming == set()
+    for a in new:
+        assert s.piece_done(T, a.peer, 0, a.source, a.attempt) == []
+    assert all(0 in m.has for m in task.members.values())
+    check_invariants(s)
+
+
+def test_store_and_forward_waits_for_the_whole_piece() -> None:
+    """With relaying off the CDN serves only pieces it holds whole."""
+    s = Scheduler(relay=False)
+    s.add_task(T)
+    s.join(T, "a")
+    assert s.cdn_piece_started(T, 0) == []
+    assert pairs(s.cdn_piece_ready(T, 0)) == {("a", 0, CDN)}

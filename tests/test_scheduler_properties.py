@@ -55,6 +55,8 @@ def check_state(s: Scheduler) -> None:
                 assert not member.relays
         assert len(cdn) <= s.cdn_limit
         assert task.cdn_inflight == cdn
+        assert task.streaming <= task.available
+        assert s.relay or not task.streaming
         assert dict(task.inflight) == dict(inflight)
         # Indexes, recounted.
         good: Counter[int] = Counter()
@@ -122,7 +124,8 @@ def check_new(s: Scheduler, new: list[Assignment], before: dict[tuple[str, str],
             if a.piece in m.relays and r != a.peer and r not in member.avoid and not s.peers[r].blacklisted
         }
         if a.source == CDN:
-            assert not a.relay
+            assert a.relay == (a.piece in task.streaming), "a CDN relay is a piece the CDN still receives"
+            assert member.hops.get(a.piece, 0) == (1 if a.relay else 0)
             assert isolated or not usable, "the CDN served a piece a usable peer holds"
         elif a.relay:
             assert not isolated and s.relay
@@ -190,7 +193,8 @@ def test_random_events_keep_the_rules_and_complete(limits: dict[str, int], n_pie
     for _ in range(draw(st.integers(0, 60))):
         kind = draw(
             st.sampled_from(
-                ["ready", "join", "done", "done", "done", "fail", "leave", "gone", "withdraw", "finish", "late"] * 4
+                ["ready", "start", "join", "done", "done", "done", "fail", "leave", "gone", "withdraw", "finish", "late"]
+                * 4
                 + ["cdn_failed"]
             )
         )
@@ -198,6 +202,9 @@ def test_random_events_keep_the_rules_and_complete(limits: dict[str, int], n_pie
         if kind == "ready":
             piece = draw(st.integers(0, n_pieces - 1))
             step(s, s.cdn_piece_ready, T, piece)
+        elif kind == "start":
+            piece = draw(st.integers(0, n_pieces - 1))
+            step(s, s.cdn_piece_started, T, piece)
         elif kind == "finish":
             step(s, s.cdn_finished, T, n_pieces)
         elif kind == "withdraw":

@@ -43,7 +43,10 @@ def test_one_peer_one_download_at_a_time_pays_every_request_latency() -> None:
     """With the default single download slot the link idles for one request latency before
     each piece: first arrival + pieces x latency + all slices / B_peer."""
     latency = 0.004
-    r = run_simulation(peers=1, size=SIZE, piece_size=PIECE, peer_rate=B, origin_rate=100 * B, latency=latency)
+    r = run_simulation(
+        peers=1, size=SIZE, piece_size=PIECE, peer_rate=B, origin_rate=100 * B, latency=latency,
+        scheduler=Scheduler(relay=False),
+    )
     count = Layout(SIZE, PIECE).count
     expected = PIECE / (100 * B) + count * latency + slice_bytes(SIZE, PIECE) / B
     assert r.makespan == pytest.approx(expected, rel=0.002)
@@ -56,7 +59,7 @@ def test_one_peer_slow_origin_is_limited_by_the_origin() -> None:
     latency = 0.001
     r = run_simulation(
         peers=1, size=SIZE, piece_size=PIECE, peer_rate=100 * B, origin_rate=B, latency=latency,
-        scheduler=Scheduler(down_limit=4),
+        scheduler=Scheduler(down_limit=4, relay=False),
     )
     first = Layout(SIZE, PIECE).slice_len(0) / B
     assert r.makespan == pytest.approx(first + latency + slice_bytes(SIZE, PIECE) / B, rel=0.01)
@@ -67,7 +70,9 @@ def test_two_peers_share_the_work_and_take_each_piece_from_the_cdn_once() -> Non
     """Two equal peers behind an equal origin: each piece leaves the CDN exactly once (half of
     the bytes the peers receive), the origin sends the file once, and both finish within a
     few piece times of T* = S/B."""
-    r = run_simulation(peers=2, size=SIZE, piece_size=PIECE, peer_rate=B, origin_rate=B, latency=0.001)
+    r = run_simulation(
+        peers=2, size=SIZE, piece_size=PIECE, peer_rate=B, origin_rate=B, latency=0.001, scheduler=Scheduler(relay=False)
+    )
     total = slice_bytes(SIZE, PIECE)
     assert r.completed == 2
     assert r.cdn_served_over_total == pytest.approx(total / (2 * SIZE))
@@ -120,6 +125,9 @@ class CountingScheduler(Scheduler):
     def cdn_piece_ready(self, *a: Any, **kw: Any) -> list[Assignment]:
         return self._count("cdn_piece_ready", super().cdn_piece_ready(*a, **kw))
 
+    def cdn_piece_started(self, *a: Any, **kw: Any) -> list[Assignment]:
+        return self._count("cdn_piece_started", super().cdn_piece_started(*a, **kw))
+
     def cdn_finished(self, *a: Any, **kw: Any) -> list[Assignment]:
         return self._count("cdn_finished", super().cdn_finished(*a, **kw))
 
@@ -132,7 +140,9 @@ def test_the_simulator_drives_the_supernode_scheduler() -> None:
     peers, count = 5, Layout(SIZE, PIECE).count
     s = CountingScheduler(down_limit=2, up_limit=1, cdn_limit=1)
     r = run_simulation(peers=peers, size=SIZE, piece_size=PIECE, peer_rate=B, origin_rate=B, scheduler=s)
-    assert s.calls == {"join": peers, "cdn_piece_ready": count, "cdn_finished": 1, "piece_done": peers * count}
+    assert s.calls == {
+        "join": peers, "cdn_piece_started": count, "cdn_piece_ready": count, "cdn_finished": 1, "piece_done": peers * count,
+    }
     assert r.scheduler_calls == sum(s.calls.values())
     assert len(s.assigned) == r.assignments == peers * count
     assert {(a.peer, a.piece) for a in s.assigned} == {(f"peer{i:05d}", n) for i in range(peers) for n in range(count)}
@@ -164,8 +174,8 @@ def test_command_line_rejects_bad_options(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_relays_remove_the_store_and_forward_tail() -> None:
-    """The end game with relays: a piece reaches a chain of peers while it still arrives, so
-    with no relay lag 8 equal peers behind an equal origin finish one piece time plus a few
+    """The end game with relays: a piece reaches a chain of peers while it still arrives
+    (from the CDN too), so with no relay lag 8 equal peers behind an equal origin finish a few
     request latencies after the origin's last byte, where store and forward pays a piece
     time for every hop of the doubling (1 + log2 8 = 4)."""
     tau = Layout(SIZE, PIECE).slice_len(0) / B
@@ -175,20 +185,22 @@ def test_relays_remove_the_store_and_forward_tail() -> None:
     assert relayed.relay and relayed.relayed_assignments > 0
     assert not stored.relay and stored.relayed_assignments == 0
     last_byte = slice_bytes(SIZE, PIECE) / B
-    assert relayed.makespan == pytest.approx(last_byte + tau, abs=0.02)
+    assert last_byte <= relayed.makespan <= last_byte + 0.02
     assert stored.makespan >= last_byte + 3 * tau
     assert relayed.cdn_served_over_total == pytest.approx(stored.cdn_served_over_total)
 
 
 def test_a_relay_hop_costs_its_lag_and_never_overtakes_its_feed() -> None:
-    """A relayed flow starts relay_lag later than its feed and is capped at its feed's rate:
-    two peers, one piece, the second relays it from the first and finishes exactly
-    relay_lag after the first (with no lag, at the same moment: never before)."""
+    """A relayed flow starts relay_lag after its feed and is capped at its feed's rate: two
+    peers, one piece the CDN streams to the first as it arrives (relay_lag after the first
+    byte), the second relays it from the first and finishes exactly relay_lag after it (with
+    no lag, at the same moment as the origin's last byte: never before)."""
     kw: dict[str, Any] = dict(peers=2, size=PIECE - 5, piece_size=PIECE, peer_rate=B, origin_rate=B, latency=0.001)
-    first = PIECE / B + 0.001 + PIECE / B  # cached, requested, received
+    first = 0.001 + PIECE / B  # requested, then received as it arrives
     lagged = run_simulation(relay_lag=0.05, **kw)
-    assert lagged.relayed_assignments == 1
-    assert lagged.makespan == pytest.approx(first + 0.05)
+    assert lagged.relayed_assignments == 2
+    assert lagged.p50 == pytest.approx(first + 2 * 0.05)  # p50 of two is the later one
+    assert lagged.makespan == pytest.approx(first + 2 * 0.05)
     # The relay's downloader is capped at the feed's rate even where its own links are faster.
     fast = run_simulation(relay_lag=0.0, **kw)
     assert fast.makespan == pytest.approx(first)

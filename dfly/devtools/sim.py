@@ -10,7 +10,9 @@ Model:
 
 * the clock is a heap of events; nothing sleeps;
 * the origin feeds the CDN at C{origin_rate}: piece k is ready when the first
-  k+1 slices have arrived, and C{cdn_piece_ready} is called then;
+  k+1 slices have arrived, and C{cdn_piece_ready} is called then; with relays,
+  C{cdn_piece_started} is called when its first byte arrives (the file's length
+  is known), and a flow of it from the CDN is capped by that feed until then;
 * every peer has C{peer_rate} bytes/s up and down; the CDN uploads at
   C{origin_rate} (its own link, apart from the origin feed);
 * an assignment starts moving bytes C{latency} seconds after it is made (the
@@ -24,9 +26,10 @@ Model:
   re-rated, and a flow's finish event is re-queued only if its rate changed
   (stale events are skipped by version);
 * a relayed flow (the source is still receiving the piece) starts C{relay_lag}
-  seconds later than a plain one (by default the request latency plus the time
-  of one upload chunk at the peer rate: the relay passes on what it has
-  received at least a chunk at a time) and cannot get ahead of the flow feeding
+  seconds after its request arrives or after its feed starts, whichever is
+  later (by default the lag is the request latency plus one upload chunk at the
+  peer rate: a relay passes on what it has at least a chunk at a time), so each
+  hop of a chain adds the lag, and it cannot get ahead of the flow feeding
   its source: while that flow runs, the relayed one's rate is at most its rate
   (so it never overtakes it, having started later), and a change of that rate
   re-rates the flows it feeds, down the chain; when the feeding flow ends the
@@ -58,7 +61,7 @@ from dfly.supernode.scheduler import CDN, Assignment, Scheduler
 TASK = "sim"
 _CDN_NODE = -1
 # Event kinds, in the order they are handled when simultaneous.
-_READY, _FINISH, _START, _JOIN = 0, 1, 2, 3
+_READY, _STARTED, _FINISH, _START, _JOIN = 0, 1, 2, 3, 4
 # What a relay passes on at a time: one upload chunk (dfly.wire.protocol.CHUNK).
 RELAY_STEP = 256 * 1024
 
@@ -99,7 +102,7 @@ class SimResult:
 class _Flow:
     __slots__ = (
         "src", "dst", "piece", "source_id", "size", "left", "rate", "last", "version", "active",
-        "feed", "fed",
+        "feed", "fed", "begin",
     )
 
     def __init__(self, src: int, dst: int, piece: int, source_id: str, size: int) -> None:
@@ -115,6 +118,7 @@ class _Flow:
         self.active = False
         self.feed: _Flow | None = None  # the flow bringing this piece to the relay we read from
         self.fed: list[_Flow] = []  # relayed flows reading what this one brings
+        self.begin = 0.0  # when its bytes start to move
 
 
 def t_star(peers: int, size: int, peer_rate: float, origin_rate: float) -> float:
@@ -183,15 +187,18 @@ def run_simulation(
             src = _CDN_NODE if a.source == CDN else index[a.source]
             f = _Flow(src, index[a.peer], a.piece, a.source, slice_len[a.piece])
             receiving[(f.dst, f.piece)] = f
-            delay = latency
+            f.begin = now + latency
             if a.relay:
+                # A relay passes bytes on a step after they reach it: down a chain formed at
+                # once, each hop starts relay_lag after the one before.
                 relayed += 1
-                delay += relay_lag
                 feed = receiving.get((src, a.piece))
                 if feed is not None:
                     f.feed = feed
                     feed.fed.append(f)
-            push(now + delay, _START, f)
+                    f.begin = max(f.begin, feed.begin)
+                f.begin += relay_lag
+            push(f.begin, _START, f)
 
     def rerate(flows: list[_Flow]) -> None:
         work = list(flows)
@@ -223,6 +230,7 @@ def run_simulation(
     # The origin feeds the CDN piece by piece.
     arrived = 0
     for n in range(count):
+        push(arrived / origin_rate, _STARTED, n)
         arrived += slice_len[n]
         push(arrived / origin_rate, _READY, n)
     for i in range(peers):
@@ -282,7 +290,25 @@ def run_simulation(
                 sflows.append(f)
                 rerate(sflows)
             rerate(down[f.dst])
+        elif kind == _STARTED:
+            # The origin's feed of this piece, as a flow the CDN's relayed flows are capped by.
+            feed = _Flow(_CDN_NODE, _CDN_NODE, data, CDN, slice_len[data])
+            feed.active, feed.rate, feed.begin = True, origin_rate, now
+            receiving[(_CDN_NODE, data)] = feed
+            t0 = clock()
+            out = sched.cdn_piece_started(TASK, data)
+            cpu += clock() - t0
+            calls += 1
+            assigned(out)
         elif kind == _READY:
+            feed = receiving.pop((_CDN_NODE, data), None)
+            if feed is not None:
+                feed.active = False
+                fed = feed.fed
+                feed.fed = []
+                for g in fed:
+                    g.feed = None
+                rerate(fed)
             origin_bytes += layout.data_len(data)
             t0 = clock()
             out = sched.cdn_piece_ready(TASK, data)

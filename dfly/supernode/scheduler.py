@@ -8,7 +8,8 @@ within the same reactor turn.  Nothing here sleeps or polls.
 Rules, for one peer with a free download slot (at most C{down_limit} pieces
 running per peer and task):
 
-* candidates are the pieces the CDN holds that the peer neither has nor runs;
+* candidates are the pieces the CDN holds (or is receiving, when the file's
+  length is known: C{streaming}) that the peer neither has nor runs;
 * rarest first: fewest holders plus running downloads; ties are broken by
   distance from a per-peer starting point, so peers spread over the file;
 * a source is a peer holding the piece with fewer than C{up_limit} uploads
@@ -139,6 +140,7 @@ class TaskState:
 
     task_id: str
     available: set[int] = field(default_factory=set)
+    streaming: set[int] = field(default_factory=set)  # available, but the CDN still receives them
     piece_count: int | None = None
     holders: dict[int, set[str]] = field(default_factory=dict)
     inflight: dict[int, int] = field(default_factory=dict)
@@ -207,9 +209,26 @@ class Scheduler:
                 peer.tasks.discard(task_id)
         self._pending.pop(task_id, None)
 
+    def cdn_piece_started(self, task_id: str, piece: int) -> list[Assignment]:
+        """The CDN started receiving C{piece}, whose size is known: it may stream the piece to
+        one peer as it arrives (a relay assignment from the CDN: its md5 follows once the
+        piece is whole), and that peer may relay it on."""
+        task = self.tasks[task_id]
+        if self.relay and piece not in task.available:  # store and forward: wait for it whole
+            task.streaming.add(piece)
+            self._make_available(task, piece)
+        return self._settle()
+
     def cdn_piece_ready(self, task_id: str, piece: int) -> list[Assignment]:
         """The CDN has written and hashed C{piece}."""
         task = self.tasks[task_id]
+        if piece in task.streaming:
+            task.streaming.discard(piece)  # it was offered already; its downloads go on
+        elif piece not in task.available:
+            self._make_available(task, piece)
+        return self._settle()
+
+    def _make_available(self, task: TaskState, piece: int) -> None:
         if piece not in task.available:
             task.available.add(piece)
             if piece >= task.span:
@@ -219,7 +238,6 @@ class Scheduler:
                 task.wanting[piece] = wanting
             task.dirty_pieces.add(piece)
             self._touch(task)
-        return self._settle()
 
     def cdn_finished(self, task_id: str, piece_count: int) -> list[Assignment]:
         """The CDN knows the piece count (the whole file is written)."""
@@ -236,6 +254,7 @@ class Scheduler:
         task = self.tasks.get(task_id)
         if task is not None:
             task.available.clear()
+            task.streaming.clear()
             task.wanting.clear()
             task.span = 0
 
@@ -642,6 +661,9 @@ class Scheduler:
         relay = False
         if source == CDN:
             task.cdn_inflight.add(piece)
+            if piece in task.streaming:
+                relay = True
+                member.hops[piece] = 1
         else:
             task.serving.setdefault(source, set()).add((pid, piece))
             peer = self.peers[source]
