@@ -301,8 +301,8 @@ def run_simulation(
             calls += 1
             assigned(out)
         elif kind == _READY:
-            feed = receiving.pop((_CDN_NODE, data), None)
-            if feed is not None:
+            if (_CDN_NODE, data) in receiving:
+                feed = receiving.pop((_CDN_NODE, data))
                 feed.active = False
                 fed = feed.fed
                 feed.fed = []
