@@ -374,3 +374,18 @@ def test_fuzz_mutated_stream(flips: list[tuple[int, int]], cut: int, chunks: lis
     buf = buf[: cut % (len(buf) + 1)]
     n = len(buf) + 1
     _feed_expecting_only_protocol_errors(bytes(buf), [c % n for c in chunks])
+
+
+def test_slice_without_an_md5_up_front_is_hashed_for_a_later_check() -> None:
+    """A slice announced with no md5 (a piece the supernode was still receiving) is not
+    checked by the parser, but its md5 is there when the slice ends, fed one byte at a
+    time: the receiver compares it with the md5 announced later."""
+    data = bytes(range(256)) * 9
+    rec = Recorder()
+    stream = encode_control(slice_msg(data, md5=None)) + wrap(data, P)
+    for i in range(len(stream)):
+        rec.parser.feed(stream[i : i + 1])
+        if rec.events and rec.events[-1] == ("end",):
+            break
+    assert rec.events[-1] == ("end",)
+    assert rec.parser.last_md5 == hashlib.md5(wrap(data, P)).hexdigest()

@@ -57,7 +57,7 @@ class PieceRequest:
         task: StoredTask,
         piece: int,
         data_len: int,
-        md5: str,
+        md5: str | None,
         on_result: Callable[[PieceRequest, str | None], None],
         relay: bool = False,
     ) -> None:
@@ -71,6 +71,7 @@ class PieceRequest:
         self.received = 0
         self.finished = False
         self.local_error: str | None = None
+        self.digest: str | None = None  # md5 of the slice as received (checked when md5 was known)
         # Relay readers following this request's bytes (set by the node when one asks).
         self.feed: GrowingRange | None = None
 
@@ -234,6 +235,8 @@ class FetchSession:
 
     def slice_finished(self) -> None:
         req = self.sent.popleft()
+        parser = self.wire.parser
+        req.digest = parser.last_md5 if parser is not None else None
         self.current = None
         self._arm()
         self._arm_deadline()

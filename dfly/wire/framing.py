@@ -68,6 +68,9 @@ class FrameParser:
         self._remaining = 0
         self._expect: tuple[int, int, str | None] | None = None
         self._md5: Any = None
+        # md5 of the last complete slice: what a receiver that was told no md5 up front (a
+        # piece the supernode was still receiving) compares with the one announced later.
+        self.last_md5: str | None = None
 
     @property
     def in_slice(self) -> bool:
@@ -154,6 +157,7 @@ class FrameParser:
             got = self._md5.hexdigest()
             self._expect, self._md5 = None, None
             self._state, self._need = _CONTROL_LEN, _LEN.size
+            self.last_md5 = got
             if wanted is not None and got != wanted:
                 raise PieceDigestMismatch(f"slice md5 {got} is not the announced {wanted}")
             self._handler.slice_finished()
