@@ -131,3 +131,48 @@ def test_pieces_flow_to_peers_while_the_origin_is_still_sending(swarm: Swarm, fi
     assert proc.returncode == 0, stderr
     assert overlap, "no peer held a piece while the origin fetch was running"
     assert sha256(out) == sha256(src)
+
+
+def test_a_piece_is_streamed_and_relayed_while_it_still_arrives(swarm: Swarm, files: str) -> None:
+    """With a slow origin (1 MiB/s, pieces of 4 MiB), bytes of the first piece reach the peers
+    before the supernode holds any piece whole: the supernode streams the piece as it
+    arrives, and with three peers at least one copy comes from a peer that was itself still
+    receiving it.  Every copy is verified (the md5s follow the pieces) and the origin sends
+    the file once."""
+    import subprocess
+    import time
+
+    size = 8 * MIB
+    src = make_file(files, "stream.bin", size)
+    swarm.start_origin(files, "--rate", "1M")
+    swarm.start_supernode("--piece-size", "4")
+    names = ["a", "b", "c"]
+    swarm.start_peers(names)
+    outs = {n: os.path.join(swarm.root, f"{n}.out") for n in names}
+    procs = [
+        subprocess.Popen(swarm.dfget_argv(swarm.origin_url("stream.bin"), outs[n], peer=n), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for n in names
+    ]
+    streamed = False
+    deadline = time.monotonic() + 60
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        tasks = swarm.api()["tasks"]
+        if tasks and tasks[0]["pieces_cached"] == 0 and tasks[0]["streamed"] > 0:
+            streamed = True
+        time.sleep(0.05)
+    results = [p.communicate(timeout=60) for p in procs]
+    for p, (_, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, err
+    assert streamed, "nothing was served before the first piece was whole"
+    for n in names:
+        assert sha256(outs[n]) == sha256(src)
+    task = swarm.task("/stream.bin")
+    assert task["source_bytes"] == size
+    # Each piece was assigned while it arrived: to one peer from the supernode, on to the
+    # other two from peers still receiving it.
+    assert task["relayed"] >= 2 * task["piece_count"]
+    # The supernode served each piece once; the other copies came from peers, some of them
+    # while the piece was still arriving (a chain: CDN -> a -> b -> c at the same time).
+    summaries = [json.loads(out.strip().splitlines()[-1]) for out, _ in results]
+    assert sum(s["from_supernode"] for s in summaries) == size
+    assert sum(s["from_peers"] for s in summaries) == 2 * size

@@ -806,3 +806,119 @@ def test_results_name_the_attempt_they_report_on(tmp_path: Any) -> None:
         ]
     finally:
         node.stop()
+
+
+class LateMd5Env:
+    """A node downloading TID, its supernode link and one source connection, in memory."""
+
+    def __init__(self, tmp_path: Any) -> None:
+        self.clock = MemoryReactorClock()
+        self.node = PeerNode(self.clock, str(tmp_path / "d"), [("127.0.0.1", 8002)], peer_id="d", hasher=sync_hash)
+        self.link_transport = StringTransport()
+        self.link = FramedProtocol(lambda wire: LinkSession(wire, self.node.link))
+        self.link.makeConnection(self.link_transport)
+        assert isinstance(self.link.session, LinkSession)
+        self.node.link.session = self.link.session
+        self.node.link.address = ("127.0.0.1", 8002)
+        self.outcome: list[Any] = []
+        self.node.download(DownloadRequest(URL)).addBoth(self.outcome.append)
+        self.link.dataReceived(encode_control({
+            "op": "registered", "req": 1, "task": TID, "state": "running", "length": len(CONTENT),
+            "piece_size": P, "piece_count": len(INFOS), "md5": hashlib.md5(CONTENT).hexdigest(),
+        }))
+        self.source_transport = StringTransport()
+        self.source = FramedProtocol(lambda wire: FetchSession(wire, self.node.sources, RELAY))
+        self.source.makeConnection(self.source_transport)
+        assert isinstance(self.source.session, FetchSession)
+        self.node.sources._sessions[RELAY] = self.source.session
+
+    def assign(self, piece: int, md5: str | None, relay: bool = True) -> None:
+        info = INFOS[piece]
+        self.link.dataReceived(encode_control({
+            "op": "assign", "task": TID, "piece": piece, "len": info.data_len, "piece_size": P, "md5": md5,
+            "source": {"id": "r", "host": RELAY[0], "port": RELAY[1]}, "relay": relay, "attempt": 7,
+        }))
+
+    def answer(self, piece: int, data: bytes | None = None) -> None:
+        from dfly.pieces import wrap
+
+        info = INFOS[piece]
+        self.source.dataReceived(
+            encode_control({"op": "slice", "task": TID, "piece": piece, "len": info.data_len, "piece_size": P})
+            + wrap(info.data if data is None else data, P)
+        )
+
+    def piece_md5(self, piece: int, md5: str) -> None:
+        self.link.dataReceived(encode_control({"op": "piece_md5", "task": TID, "piece": piece, "md5": md5}))
+
+    def reports(self) -> list[tuple[str, int, str | None]]:
+        sent = FrameCollector()
+        sent.feed(self.link_transport.value())
+        return [
+            (m["op"], m["piece"], m.get("reason"))
+            for kind, m in sent.events
+            if kind == "control" and m["op"] in ("done", "fail")
+        ]
+
+
+def test_a_piece_assigned_before_its_md5_is_held_only_once_the_md5_matches(tmp_path: Any) -> None:
+    """A relay assignment of a piece the supernode was still receiving carries no md5: the
+    slice is received and kept aside, unheld and unreported, until the supernode's piece_md5
+    arrives; then it is checked and reported done.  Its relay readers wait for that verdict
+    before they may send the tail."""
+    env = LateMd5Env(tmp_path)
+    try:
+        env.assign(0, None)
+        env.answer(0)
+        store = env.node.store.get(TID)
+        assert store is not None and 0 not in store.have
+        assert env.reports() == []
+        source, _, _ = env.node.relay_lookup(TID, 0, "x")
+        assert source.growing is not None and not source.growing.ended
+        env.piece_md5(0, INFOS[0].md5)
+        assert env.reports() == [("done", 0, None)]
+        assert 0 in store.have and source.growing.complete
+    finally:
+        env.node.stop()
+
+
+def test_a_late_md5_that_arrives_first_is_used_when_the_slice_ends(tmp_path: Any) -> None:
+    """The piece_md5 may overtake the slice: the slice is then checked as soon as it ends."""
+    env = LateMd5Env(tmp_path)
+    try:
+        env.assign(0, None)
+        env.piece_md5(0, INFOS[0].md5)
+        env.answer(0)
+        assert env.reports() == [("done", 0, None)]
+    finally:
+        env.node.stop()
+
+
+def test_a_late_md5_that_does_not_match_fails_the_piece_and_cuts_its_readers(tmp_path: Any) -> None:
+    """A slice whose late md5 does not match is reported failed (against its source), never
+    held, and whoever relays it from us is cut off."""
+    env = LateMd5Env(tmp_path)
+    try:
+        env.assign(0, None)
+        bad = bytes(b ^ 1 for b in INFOS[0].data[:10]) + INFOS[0].data[10:]
+        env.answer(0, bad)
+        source, _, _ = env.node.relay_lookup(TID, 0, "x")
+        env.piece_md5(0, INFOS[0].md5)
+        ((op, piece, reason),) = env.reports()
+        assert (op, piece) == ("fail", 0) and reason is not None and "md5" in reason
+        store = env.node.store.get(TID)
+        assert store is not None and 0 not in store.have
+        assert source.growing is not None and source.growing.failed
+    finally:
+        env.node.stop()
+
+
+def test_a_missing_md5_outside_a_relay_assignment_is_a_protocol_error(tmp_path: Any) -> None:
+    """Only a relay assignment may leave the md5 for later; any other without one closes
+    the supernode link as a protocol error."""
+    env = LateMd5Env(tmp_path)
+    try:
+        env.assign(0, None, relay=False)
+        assert env.link_transport.disconnecting
+    finally:
+        env.node.stop()

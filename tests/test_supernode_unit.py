@@ -121,9 +121,11 @@ def check_cache(env: Env, tid: str, content: bytes, piece_size: int = P) -> list
 
 
 def test_relay_assignments_name_their_attempt_and_late_reports_are_ignored(tmp_path: Any) -> None:
-    """With relays on, a peer may be sent to another peer that is still receiving the piece:
-    that assign says relay: true; every assign carries an attempt number, and a failure
-    report naming an earlier attempt changes nothing (no error counted, nothing withdrawn)."""
+    """With relays on, a piece goes out while it still arrives from the origin: the CDN
+    streams it to one peer and the other is sent to that peer, both assigns say relay: true
+    and carry no md5, and each peer is sent the piece's md5 (piece_md5) once it is whole.
+    Every assign carries an attempt number, and a failure report naming another attempt
+    changes nothing (no error counted, nothing withdrawn)."""
     clock, http = MemoryReactorClock(), FakeHttp()
     node = Supernode(clock, http, str(tmp_path / "home"), scheduler=Scheduler(), piece_size=P)
     try:
@@ -133,11 +135,15 @@ def test_relay_assignments_name_their_attempt_and_late_reports_are_ignored(tmp_p
         register(s2)
         tid = task_id_for(URL)
         http.respond(0, FakeResponse(200, chunked(CONTENT[: P - 5], 100_000)))  # piece 0 only
-        first, second = (w1, w2) if w1.ops("assign") else (w2, w1)
+        first, second = (w1, w2) if w1.ops("assign")[0]["source"] == CDN else (w2, w1)
         (a1,) = first.ops("assign")
         (a2,) = second.ops("assign")
-        assert a1["source"] == CDN and "relay" not in a1
-        assert a2["relay"] is True and a2["source"]["port"] in (5001, 5002)
+        assert a1["source"] == CDN and a1["relay"] is True and a1["md5"] is None
+        assert a2["relay"] is True and a2["md5"] is None and a2["source"]["port"] in (5001, 5002)
+        assert a1["len"] == a2["len"] == P - 5
+        md5 = node.tasks[tid].piece_md5[0]
+        for wire in (first, second):
+            assert wire.ops("piece_md5") == [{"op": "piece_md5", "task": tid, "piece": 0, "md5": md5}]
         assert isinstance(a1["attempt"], int) and a2["attempt"] != a1["attempt"]
         session2 = s2 if second is w2 else s1
         source_id = a2["source"]["id"]
@@ -680,3 +686,65 @@ def os_md5_feed(fd: int, offset: int, length: int, md5: Any) -> None:
 def tid_state(env: Env) -> str | None:
     task = env.node.tasks.get(task_id_for(URL))
     return task.state if task is not None else None
+
+
+class SteppedResponse(FakeResponse):
+    """A response whose body arrives when the test says (L{step}), not all at once."""
+
+    def deliverBody(self, protocol: Any) -> None:
+        self.delivered_to = protocol
+        protocol.makeConnection(self.transport)
+
+    def step(self, n: int = 1) -> None:
+        for _ in range(n):
+            if self.chunks:
+                chunk = self.chunks.pop(0)
+                self.delivered_bytes += len(chunk)
+                self.delivered_to.dataReceived(chunk)
+
+    def end(self, reason: Failure | None = None) -> None:
+        self.delivered_to.connectionLost(reason or self.reason)
+
+
+def test_a_piece_still_arriving_is_streamed_to_relay_gets(env: Env) -> None:
+    """A relay get for the piece the origin fetch is writing gets its header at once (the
+    length is known), then the data as it is written, then the tail once the piece is whole;
+    the API counts it as streamed.  A plain get for it is still refused."""
+    s1, w1 = connect(env.node, "p1")
+    register(s1)
+    tid = task_id_for(URL)
+    body = SteppedResponse(200, chunked(CONTENT, 100_000))
+    env.http.respond(0, body)
+    body.step(3)
+    with pytest.raises(PieceUnavailable):
+        env.node.lookup(tid, 0, "x")
+    source, piece_size, data_len = env.node.relay_lookup(tid, 0, "x")
+    assert (piece_size, data_len) == (P, P - 5)
+    assert source.prefix == SliceHeader(P - 5, P).encode() and source.suffix == TAIL
+    growing = source.growing
+    assert growing is not None and growing.available == 300_000 and not growing.ended
+    body.step(2)
+    assert growing.available == 500_000
+    body.step(len(body.chunks))
+    body.end()
+    assert growing.complete and not growing.failed
+    task = env.node.tasks[tid]
+    assert os.pread(task.fd or -1, data_len, source.offset) == CONTENT[:data_len]
+    (info,) = [t for t in env.node.describe() if t["id"] == tid]
+    assert info["streamed"] == 1
+
+
+def test_a_failed_origin_fetch_cuts_the_readers_of_a_piece_in_progress(env: Env) -> None:
+    """When the origin connection fails mid-piece, every relay reader of that piece is cut
+    off at once (the task fails; nothing half-written is ever completed)."""
+    s1, w1 = connect(env.node, "p1")
+    register(s1)
+    tid = task_id_for(URL)
+    body = SteppedResponse(200, chunked(CONTENT, 100_000), reason=Failure(ConnectionError("reset")))
+    env.http.respond(0, body)
+    body.step(2)
+    source, _, _ = env.node.relay_lookup(tid, 0, "x")
+    assert source.growing is not None
+    body.end()
+    assert source.growing.failed
+    assert w1.ops("task_failed") and tid not in env.node.tasks

@@ -72,6 +72,10 @@ class PieceRequest:
         self.finished = False
         self.local_error: str | None = None
         self.digest: str | None = None  # md5 of the slice as received (checked when md5 was known)
+        # Set by the node when the slice arrived whole before its md5 was announced: the
+        # request stays open (and its relay readers wait) until the node's verdict.
+        self.awaiting: Any = None
+        self.unchecked = False  # its slice was read with no md5 to check it against
         # Relay readers following this request's bytes (set by the node when one asks).
         self.feed: GrowingRange | None = None
 
@@ -100,6 +104,11 @@ class PieceRequest:
             self.cut()
         if not self.stale:
             self.on_result(self, error)
+        if self.awaiting is None or self.stale:
+            self.settle()
+
+    def settle(self) -> None:
+        """The request's outcome is final: its relay readers end with the tail or are cut."""
         feed = self.feed
         if feed is not None and not feed.ended:
             # Readers may send the tail only of bytes that are now held (so never rewritten).
@@ -213,6 +222,7 @@ class FetchSession:
             req.finish(f"source refused: {reason}")
             return
         self.current = req
+        req.unchecked = req.md5 is None  # the parser cannot check it: the node will, later
         self.wire.expect_slice(req.task.piece_size, req.data_len, req.md5)
 
     def slice_data(self, data: memoryview) -> None:

@@ -160,6 +160,8 @@ class Download:
         self.file_md5: str | None = None
         self.running: dict[int, PieceRequest] = {}
         self.relay_waits: dict[int, RelayWait] = {}
+        # Piece md5s the supernode sent after assigning a piece it was still receiving.
+        self.piece_md5s: dict[int, str] = {}
         self.from_cdn = 0
         self.from_peers = 0
         self.started = node.clock()
@@ -442,6 +444,10 @@ class PeerNode:
                 self._fail(dl, task_error(msg), leave=False)
         elif op == "assign":
             self._assign(dl, msg)
+        elif op == "piece_md5":
+            piece, md5 = get_int(msg, "piece", 0, 1 << 24), get_md5(msg, "md5")
+            if dl is not None and dl.state == "registered":
+                self._piece_md5(dl, piece, md5)
         elif op == "task_reset":
             if dl is not None:
                 self._log.info("task {task_id} changed at the origin; starting over", task_id=task_id)
@@ -451,11 +457,36 @@ class PeerNode:
         else:
             raise BadControlMessage(f"unknown op {op!r} from the supernode")
 
+    def _piece_md5(self, dl: Download, piece: int, md5: str) -> None:
+        """The supernode announces the md5 of a piece it assigned before it was whole."""
+        if dl.piece_count is not None and piece >= dl.piece_count:
+            return
+        dl.piece_md5s[piece] = md5
+        req = dl.running.get(piece)
+        if req is None or req.awaiting is None:
+            if req is not None and req.md5 is None:
+                req.md5 = md5  # still arriving: checked when whole (by the parser if not begun)
+            return
+        source_id, tag = req.awaiting
+        req.awaiting = None
+        self._piece_result(dl, req, source_id, self._check_late_md5(req, md5), tag)
+        req.settle()
+
+    @staticmethod
+    def _check_late_md5(req: PieceRequest, md5: str) -> str | None:
+        """Compare a slice received before its md5 was known with that md5."""
+        req.md5, req.unchecked = md5, False
+        if req.digest == md5:
+            return None
+        req.cut()
+        return f"slice md5 {req.digest} is not the announced {md5}"
+
     def _reset(self, dl: Download) -> None:
         """Forget everything held for C{dl}: the content it belongs to is gone."""
         for req in dl.running.values():
             req.stale = True
         dl.running.clear()
+        dl.piece_md5s.clear()
         self._drop_relay_waits(dl)
         self.store.remove(dl.task_id)
         if dl.state == "done":
@@ -535,8 +566,12 @@ class PeerNode:
         if get_int(msg, "piece_size") != dl.piece_size:
             raise BadControlMessage("assign: piece size changed")
         data_len = get_int(msg, "len", 0, dl.piece_size - 5)
-        md5 = get_md5(msg, "md5")
         relay = get_bool(msg, "relay")
+        md5: str | None
+        if msg.get("md5") is None and relay:
+            md5 = dl.piece_md5s.get(piece)  # a piece still arriving: its md5 follows (piece_md5)
+        else:
+            md5 = get_md5(msg, "md5")
         store = self.store.get(task_id)
         assert store is not None
         if piece in store.have:
@@ -564,7 +599,15 @@ class PeerNode:
     def _piece_result(
         self, dl: Download, req: PieceRequest, source_id: str, error: str | None, tag: dict[str, int]
     ) -> None:
-        if dl.running.get(req.piece) is req:
+        current = dl.running.get(req.piece) is req
+        if req.unchecked and error is None and req.local_error is None and current and dl.state == "registered":
+            md5 = req.md5 or dl.piece_md5s.get(req.piece)
+            if md5 is None:
+                # Whole, but its md5 is not announced yet: it stays running until it is.
+                req.awaiting = (source_id, tag)
+                return
+            error = self._check_late_md5(req, md5)
+        if current:
             del dl.running[req.piece]
         if dl.state != "registered":
             return
@@ -749,7 +792,9 @@ class PeerNode:
             if dl is None or store is None or dl.state != "registered":
                 raise
         req = dl.running.get(piece)
-        if req is not None and not req.stale and not req.finished and req.local_error is None:
+        # A request still receiving, or whole and waiting for its md5 (then readers wait too).
+        open_ = req is not None and (not req.finished or req.awaiting is not None)
+        if req is not None and open_ and not req.stale and req.local_error is None:
             task = req.task  # the file the attempt writes to
             if req.feed is None:
                 req.feed = task.follow()

@@ -56,6 +56,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from dfly.errors import IntegrityError, OriginError, StorageError
 from dfly.pieces import OVERHEAD, TAIL, SliceHeader, default_piece_size, pwrite_all
 from dfly.ratelimit import InboundThrottle, TokenBucket
+from dfly.wire.protocol import GrowingRange
 
 _RESPONSE_DONE = Failure(ResponseDone())
 
@@ -83,6 +84,8 @@ class CdnTask:
     validated_at: float = 0.0
     source_bytes: int = 0
     served_bytes: int = 0
+    streamed: int = 0  # slices the supernode began to serve before they were whole
+    relayed: int = 0  # assignments from a source still receiving the piece
     error: str | None = None
     error_kind: str | None = None
     status: int | None = None
@@ -90,17 +93,34 @@ class CdnTask:
     fd: int | None = None
     created: float = 0.0
     last_access: float = 0.0
+    # The piece the origin fetch is writing now and its data bytes so far; the pieces being
+    # written that peers read as they arrive (relay gets), and the peers that were assigned a
+    # piece before its md5 was known (they are sent it once the piece is whole).
+    receiving: int | None = None
+    received: int = 0
+    streams: dict[int, GrowingRange] = field(default_factory=dict)
+    md5_waiters: dict[int, set[str]] = field(default_factory=dict)
 
     def cache_bytes(self) -> int:
         """Bytes of cache this task occupies."""
         return sum(self.piece_len.values()) + OVERHEAD * len(self.piece_len)
 
     def close(self) -> None:
+        self.stop_streams()
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
 
+    def stop_streams(self) -> None:
+        """Cut off every reader of a piece still being written (before its bytes go)."""
+        streams, self.streams = self.streams, {}
+        self.receiving, self.received = None, 0
+        for stream in streams.values():
+            stream.fail()
+
     def reset_pieces(self) -> None:
+        self.stop_streams()
+        self.md5_waiters.clear()
         self.piece_md5.clear()
         self.piece_len.clear()
         self.piece_count = None
@@ -140,6 +160,7 @@ class Cdn:
         on_done: Callable[[CdnTask], None],
         on_fail: Callable[[CdnTask], None],
         piece_size: int | None = None,
+        on_started: Callable[[CdnTask, int], None] | None = None,
         idle_timeout: float = 60.0,
         origin_bucket: TokenBucket | None = None,
         hasher: Callable[[int, int, int, Any], Deferred[None]] | None = None,
@@ -151,6 +172,7 @@ class Cdn:
         self._home = home
         self._on_headers = on_headers
         self._on_piece = on_piece
+        self._on_started = on_started
         self._on_done = on_done
         self._on_fail = on_fail
         self._piece_size = piece_size
@@ -290,6 +312,11 @@ class Cdn:
 
     def piece_ready(self, task: CdnTask, piece: int) -> None:
         self._on_piece(task, piece)
+
+    def piece_started(self, task: CdnTask, piece: int) -> None:
+        """The first bytes of C{piece} are written and the file's length is known."""
+        if self._on_started is not None:
+            self._on_started(task, piece)
 
     def finished(self, task: CdnTask, raw_md5: str, raw_sha256: str | None = None) -> None:
         task.file_md5 = raw_md5
@@ -596,8 +623,15 @@ class Slicer(Protocol):
                 chunk = view[pos : pos + take]
                 pwrite_all(self._fd, chunk, self._piece * self._p + 4 + self._fill)
                 self._piece_md5.update(chunk)
+                started = self._fill == 0
                 self._fill += take
                 pos += take
+                task.receiving, task.received = self._piece, self._fill
+                stream = task.streams.get(self._piece)
+                if stream is not None:
+                    stream.grew(self._fill)
+                if started and task.length is not None:
+                    self._cdn.piece_started(task, self._piece)
                 if self._fill == self._cap:
                     self._close_piece(self._full_header, self._piece_md5)
         except OSError as e:
@@ -615,6 +649,10 @@ class Slicer(Protocol):
         self._piece += 1
         self._fill = 0
         self._piece_md5 = hashlib.md5(self._full_header)
+        self._task.receiving, self._task.received = None, 0
+        stream = self._task.streams.pop(n, None)
+        if stream is not None:
+            stream.finish()  # its readers send the tail now
         self._cdn.piece_ready(self._task, n)
 
     def connectionLost(self, reason: Failure = _RESPONSE_DONE) -> None:
@@ -649,6 +687,7 @@ class Slicer(Protocol):
                 raise StorageError(f"cannot write the cache: {e.strerror or e}") from None
         except Exception:
             failure = Failure()
+            task.stop_streams()
             self._after_hashing().addBoth(lambda _: self.finished.errback(failure))
             return
         self._after_hashing().addCallbacks(self._hashed_all, self._hash_failed)

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dfly.errors import BadControlMessage, DflyError, PieceUnavailable
-from dfly.pieces import OVERHEAD, Layout
+from dfly.pieces import OVERHEAD, TAIL, Layout, SliceHeader
 from dfly.ratelimit import make_bucket
 from dfly.supernode.cdn import Cdn, CdnTask
 from dfly.supernode.scheduler import CDN, Assignment, Scheduler
@@ -42,7 +42,7 @@ from dfly.wire.messages import (
     get_str_list,
     get_task_id,
 )
-from dfly.wire.protocol import FramedProtocol, SliceSource
+from dfly.wire.protocol import FramedProtocol, GrowingRange, SliceSource
 from dfly.wire.serve import SliceServerSession
 
 PROTOCOL_VERSION = 1
@@ -89,6 +89,7 @@ class Supernode:
             on_piece=self._cdn_piece,
             on_done=self._cdn_done,
             on_fail=self._cdn_failed,
+            on_started=self._cdn_piece_started,
             piece_size=piece_size,
             idle_timeout=origin_idle_timeout,
             origin_bucket=make_bucket(reactor, origin_rate),
@@ -331,11 +332,44 @@ class Supernode:
         source = SliceSource(task.fd, piece * task.piece_size, data_len + OVERHEAD, on_done=done)
         return source, task.piece_size, data_len
 
+    def relay_lookup(self, task_id: str, piece: int, who: str) -> tuple[SliceSource, int, int]:
+        """A relay get: a cached piece as L{lookup}; the piece the origin fetch is writing now
+        is streamed as it arrives (its header from the known length, its tail once whole)."""
+        task = self.tasks.get(task_id)
+        if task is None or piece in task.piece_len or task.receiving != piece:
+            return self.lookup(task_id, piece, who)
+        if task.fd is None or task.piece_size is None or task.length is None:
+            raise PieceUnavailable(f"piece {piece} is not cached yet")
+        data_len = Layout(task.length, task.piece_size).data_len(piece)
+        stream = task.streams.get(piece)
+        if stream is None:
+            stream = task.streams[piece] = GrowingRange()
+            stream.grew(task.received)
+        task.last_access = self._reactor.seconds()
+        task.streamed += 1
+
+        def done(ok: bool, sent: int) -> None:
+            task.served_bytes += sent
+
+        header = SliceHeader(data_len, task.piece_size).encode()
+        source = SliceSource(
+            task.fd, piece * task.piece_size + 4, data_len, header, TAIL, on_done=done, growing=stream
+        )
+        return source, task.piece_size, data_len
+
     # -- CDN events ----------------------------------------------------------
     def _cdn_headers(self, task: CdnTask) -> None:
         self._broadcast(task, {"op": "task_info", **self._task_info(task)})
 
+    def _cdn_piece_started(self, task: CdnTask, piece: int) -> None:
+        self._dispatch(self.scheduler.cdn_piece_started(task.task_id, piece))
+
     def _cdn_piece(self, task: CdnTask, piece: int) -> None:
+        md5 = task.piece_md5[piece]
+        for peer_id in task.md5_waiters.pop(piece, ()):
+            session = self.sessions.get(peer_id)
+            if session is not None:
+                session.wire.send_control({"op": "piece_md5", "task": task.task_id, "piece": piece, "md5": md5})
         self._dispatch(self.scheduler.cdn_piece_ready(task.task_id, piece))
 
     def _cdn_done(self, task: CdnTask) -> None:
@@ -391,18 +425,29 @@ class Supernode:
                 if src is None:
                     continue
                 source = {"id": a.source, "host": src.host, "port": src.port}
+            md5 = task.piece_md5.get(a.piece)
+            if md5 is None:
+                # A piece still arriving from the origin (relayed from the CDN or a peer): its
+                # md5 is sent to this peer once the piece is whole.
+                if task.length is None:
+                    continue
+                data_len = Layout(task.length, task.piece_size).data_len(a.piece)
+                task.md5_waiters.setdefault(a.piece, set()).add(a.peer)
+            else:
+                data_len = task.piece_len[a.piece]
             msg = {
                 "op": "assign",
                 "task": a.task,
                 "piece": a.piece,
                 "source": source,
-                "md5": task.piece_md5[a.piece],
-                "len": task.piece_len[a.piece],
+                "md5": md5,
+                "len": data_len,
                 "piece_size": task.piece_size,
                 "attempt": a.attempt,
             }
             if a.relay:
                 msg["relay"] = True
+                task.relayed += 1
             session.wire.send_control(msg)
 
     # -- reporting -------------------------------------------------------------
@@ -444,6 +489,8 @@ class Supernode:
                     "error": task.error,
                     "source_bytes": task.source_bytes,
                     "served_bytes": task.served_bytes,
+                    "streamed": task.streamed,
+                    "relayed": task.relayed,
                     "peers": peers,
                 }
             )
@@ -454,7 +501,7 @@ class SupernodeSession(SliceServerSession):
     """One connection to the supernode: a peer's control channel, or a slice fetch."""
 
     def __init__(self, wire: FramedProtocol, node: Supernode) -> None:
-        super().__init__(wire, node.lookup)
+        super().__init__(wire, node.lookup, node.relay_lookup)
         self.node = node
         self.peer_id: str | None = None
         self.host = ""
