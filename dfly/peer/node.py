@@ -28,6 +28,12 @@ it has shown: a new attempt at a piece first marks the old one stale, which
 fails its range; a reset, failed or removed task fails every range of its
 store before the file goes.  It completes once the piece is held, and held
 bytes are never written again.
+
+Holding.  A finished download stays in the store and is shared until it
+expires.  A download the node drops (expired, evicted, or of a content version
+that is gone) leaves its task, and an assignment for a task the node has no
+download of is answered C{"not downloading"}, which the supernode takes as
+leaving the task.
 """
 
 from __future__ import annotations
@@ -90,6 +96,9 @@ Progress = Callable[[int, "int | None"], None]
 
 # Seconds a relay get for a piece we have not started yet waits for our own attempt.
 RELAY_GRACE = 3.0
+# The reason of the fail answering an assignment for a task we have no download of; the
+# supernode takes it as our leaving the task.
+NOT_DOWNLOADING = "not downloading"
 
 
 @dataclass
@@ -452,7 +461,8 @@ class PeerNode:
             raise BadControlMessage(f"unknown op {op!r} from the supernode")
 
     def _reset(self, dl: Download) -> None:
-        """Forget everything held for C{dl}: the content it belongs to is gone."""
+        """Forget everything held for C{dl}: the content it belongs to is gone.  A finished
+        download is dropped (and leaves its task); any other starts over."""
         for req in dl.running.values():
             req.stale = True
         dl.running.clear()
@@ -461,6 +471,7 @@ class PeerNode:
         if dl.state == "done":
             if self.downloads.get(dl.task_id) is dl:
                 del self.downloads[dl.task_id]
+                self.link.send({"op": "leave", "task": dl.task_id})
             dl.notify()
             return
         dl.epoch += 1
@@ -527,9 +538,11 @@ class PeerNode:
         # from a report on an earlier, withdrawn attempt at the same piece and source.
         attempt = get_opt_int(msg, "attempt", 0, 1 << 62)
         tag = {} if attempt is None else {"attempt": attempt}
-        if dl is None or dl.state not in ("registered",) or dl.piece_size is None:
+        store = self.store.get(task_id)
+        if dl is None or dl.state not in ("registered", "verifying", "done") or dl.piece_size is None or store is None:
+            # No download of the task here: the supernode takes this as our leaving it.
             self.link.send(
-                {"op": "fail", "task": task_id, "piece": piece, "source": source_id, "reason": "not downloading", **tag}
+                {"op": "fail", "task": task_id, "piece": piece, "source": source_id, "reason": NOT_DOWNLOADING, **tag}
             )
             return
         if get_int(msg, "piece_size") != dl.piece_size:
@@ -537,10 +550,13 @@ class PeerNode:
         data_len = get_int(msg, "len", 0, dl.piece_size - 5)
         md5 = get_md5(msg, "md5")
         relay = get_bool(msg, "relay")
-        store = self.store.get(task_id)
-        assert store is not None
         if piece in store.have:
             self.link.send({"op": "done", "task": task_id, "piece": piece, "source": source_id, **tag})
+            return
+        if dl.state != "registered":  # verifying or done: every piece of the task is held
+            self.link.send(
+                {"op": "fail", "task": task_id, "piece": piece, "source": source_id, "reason": NOT_DOWNLOADING, **tag}
+            )
             return
         old = dl.running.get(piece)
         if old is not None:

@@ -5,6 +5,10 @@ C{fail}/C{leave}); the supernode pushes C{assign}, C{task_info} and
 C{task_failed} to them the moment scheduling or the CDN produces something.
 Any connection may also C{get} slices the CDN holds.  A lost control
 connection drops the peer from scheduling at once and re-offers its work.
+
+A C{fail} with the reason C{"not downloading"} means the peer has no download
+of the task at all: it leaves the task, rather than being offered the piece
+again.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ from dfly.wire.protocol import FramedProtocol, SliceSource
 from dfly.wire.serve import SliceServerSession
 
 PROTOCOL_VERSION = 1
+# The reason of a peer's C{fail} for a piece of a task it has no download of.
+NOT_DOWNLOADING = "not downloading"
 _PEER_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,200}$")
 
 
@@ -249,6 +255,16 @@ class Supernode:
         task_id, piece, source = self._piece_report(session, msg)
         assert session.peer_id is not None
         reason = get_opt_str(msg, "reason", 1024) or "?"
+        if reason == NOT_DOWNLOADING:
+            # No failure to retry: the peer has no download of the task (it dropped it), so
+            # any piece offered to it again would come back the same way, at once.
+            if task_id in session.tasks or self._member(task_id, session.peer_id):
+                self._log.info(
+                    "peer {peer_id} is not downloading task {task_id}; it leaves the task",
+                    peer_id=session.peer_id, task_id=task_id,
+                )
+            self._leave(session, task_id)
+            return
         self._log.warn(
             "peer {peer_id} failed piece {piece} of {task_id} from {source}: {reason}",
             peer_id=session.peer_id,
@@ -293,10 +309,16 @@ class Supernode:
         return evicted
 
     def leave(self, session: SupernodeSession, msg: dict[str, Any]) -> None:
-        task_id = get_task_id(msg)
+        self._leave(session, get_task_id(msg))
+
+    def _leave(self, session: SupernodeSession, task_id: str) -> None:
         assert session.peer_id is not None
         session.tasks.discard(task_id)
         self._dispatch(self.scheduler.leave(task_id, session.peer_id))
+
+    def _member(self, task_id: str, peer_id: str) -> bool:
+        sched = self.scheduler.tasks.get(task_id)
+        return sched is not None and peer_id in sched.members
 
     def session_lost(self, session: SupernodeSession) -> None:
         if session.peer_id is not None and self.sessions.get(session.peer_id) is session:
