@@ -1,5 +1,5 @@
 """A peer node and its supernode getting back in step, in memory: what a finished download
-becomes when its content version changes.
+becomes when the link comes back or its content version changes.
 
 The node is a real L{PeerNode} on a L{MemoryReactorClock}; its supernode link is a
 L{StringTransport} the test reads frames from and writes frames to, and its one source is
@@ -115,6 +115,22 @@ def peer(tmp_path: Any) -> Iterator[Peer]:
 def read(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
+
+
+def test_reconnect_announces_finished_downloads_as_seeds(peer: Peer) -> None:
+    """After a reconnect a finished download is registered with "seed": true (with every
+    piece and its generation): an announcement of what is held, not a request, so the
+    supernode fetches nothing for it.  An unfinished download registers as a request."""
+    request = DownloadRequest(URL)
+    peer.finish(request)
+    other = DownloadRequest(URL + "?other")
+    peer.node.download(other).addErrback(lambda _: None)
+    peer.sent()
+    peer.node._link_up()
+    regs = {m["url"]: m for m in peer.sent() if m["op"] == "register"}
+    assert regs[URL]["seed"] is True
+    assert regs[URL]["have"] == "0-2" and regs[URL]["generation"] == "g1"
+    assert "seed" not in regs[URL + "?other"]
 
 
 def test_finished_download_of_a_gone_version_is_dropped_and_leaves_its_task(peer: Peer) -> None:

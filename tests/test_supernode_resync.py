@@ -1,5 +1,5 @@
-"""The supernode and peers getting back in step, with a fake origin and fake peers: peers
-that answer "not downloading".
+"""The supernode and peers getting back in step, with a fake origin and fake peers: seeds
+announcing what they hold after a restart, and peers that answer "not downloading".
 
 Same doubles as test_supernode_unit.py: a L{FakeHttp} origin whose responses the test fires,
 L{SupernodeSession}s over L{StubWire}s, a L{MemoryReactorClock}.
@@ -73,6 +73,59 @@ def cached(tmp_path: Any, etag: str | None = None, revalidate_after: float = 5.0
 def close(node: Supernode) -> None:
     for t in node.tasks.values():
         t.close()
+
+
+def test_restarted_supernode_takes_a_seed_without_asking_the_origin(tmp_path: Any) -> None:
+    """After a restart a peer announces the finished file it holds (seed: true, every piece,
+    its generation) from an origin without validators: the supernode asks the origin nothing,
+    the peer joins the task holding every piece and is assigned nothing.  A later request by
+    another peer is what revalidates (and, without validators, fetches again)."""
+    clock, home, generation = cached(tmp_path)
+    clock.advance(60.0)
+    http = FakeHttp()
+    node = Supernode(clock, http, home, piece_size=P)
+    try:
+        s, w = connect(node, "seed")
+        register(s, have="0-2", generation=generation, seed=True)
+        assert http.requests == []
+        (reg,) = w.ops("registered")
+        assert (reg["state"], reg["generation"]) == ("done", generation)
+        assert node.scheduler.tasks[TID].members["seed"].has == {0, 1, 2}
+        assert w.ops("assign") == [] and w.ops("task_reset") == []
+        s2, _ = connect(node, "asker")
+        register(s2)
+        assert len(http.requests) == 1  # no validators: only a fetch can tell
+        assert w.ops("task_reset") == [{"op": "task_reset", "task": TID}]
+    finally:
+        close(node)
+
+
+def test_seed_of_an_unknown_task_fetches_nothing(tmp_path: Any) -> None:
+    """A seed announcement of a task the supernode does not know (its cache was lost, or
+    another supernode fetched it) is answered as unknown: no fetch, no task, no member."""
+    http = FakeHttp()
+    node = Supernode(MemoryReactorClock(), http, str(tmp_path / "home"), piece_size=P)
+    s, w = connect(node, "seed")
+    register(s, req=4, have="0-2", generation="g-elsewhere", seed=True)
+    assert http.requests == [] and node.tasks == {} and node.scheduler.tasks == {}
+    assert w.ops("registered") == [{"op": "registered", "req": 4, "task": TID, "state": "unknown"}]
+
+
+def test_seed_of_another_generation_does_not_join(tmp_path: Any) -> None:
+    """A seed holding another version than the task's is told the task's generation (so it
+    drops its copy) and does not join: nothing of its copy is offered, nothing assigned."""
+    clock, home, generation = cached(tmp_path, etag='"v2"')
+    http = FakeHttp()
+    node = Supernode(clock, http, home, piece_size=P)
+    try:
+        s, w = connect(node, "seed")
+        register(s, have="0-2", generation="g-old", seed=True)
+        (reg,) = w.ops("registered")
+        assert reg["generation"] == generation
+        assert "seed" not in node.scheduler.tasks[TID].members
+        assert http.requests == [] and w.ops("assign") == []
+    finally:
+        close(node)
 
 
 def test_not_downloading_answer_is_leaving_not_a_failure_to_retry(tmp_path: Any) -> None:

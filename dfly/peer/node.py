@@ -30,7 +30,9 @@ store before the file goes.  It completes once the piece is held, and held
 bytes are never written again.
 
 Holding.  A finished download stays in the store and is shared until it
-expires.  A download the node drops (expired, evicted, or of a content version
+expires.  After every reconnect it is announced with C{"seed": true}: that only
+offers its pieces to others, and never makes the supernode fetch or revalidate
+anything.  A download the node drops (expired, evicted, or of a content version
 that is gone) leaves its task, and an assignment for a task the node has no
 download of is answered C{"not downloading"}, which the supernode takes as
 leaving the task.
@@ -371,7 +373,8 @@ class PeerNode:
         for dl in list(self.downloads.values()):
             if dl.state != "failed":
                 try:
-                    self._register(dl)
+                    # A finished file is announced, not requested: no fetch, no revalidation.
+                    self._register(dl, seed=dl.state == "done")
                 except DflyError as e:  # one bad entry must not keep the others unregistered
                     self._fail(dl, e)
 
@@ -391,7 +394,7 @@ class PeerNode:
             if dl.state not in ("done", "failed"):
                 self._fail(dl, error, leave=False)
 
-    def _register(self, dl: Download) -> None:
+    def _register(self, dl: Download, seed: bool = False) -> None:
         self._req += 1
         if dl.req_id is not None:
             self._by_req.pop(dl.req_id, None)
@@ -400,6 +403,8 @@ class PeerNode:
         store = dl.store
         have = encode_ranges(set(store.have)) if store is not None else ""
         msg = self._register_msg(dl.request, dl.req_id, have, dl.generation)
+        if seed:
+            msg["seed"] = True
         if not self.link.send(msg) and dl.link_timer is None and dl.state == "waiting":
             dl.link_timer = self.reactor.callLater(self.link_timeout, self._no_link, dl)
 

@@ -6,9 +6,14 @@ C{task_failed} to them the moment scheduling or the CDN produces something.
 Any connection may also C{get} slices the CDN holds.  A lost control
 connection drops the peer from scheduling at once and re-offers its work.
 
-A C{fail} with the reason C{"not downloading"} means the peer has no download
-of the task at all: it leaves the task, rather than being offered the piece
-again.
+A C{register} is a request for the file: a cached copy older than
+C{revalidate_after} is first checked with the origin, and an unknown task is
+fetched.  A C{register} with C{"seed": true} only announces a finished file a
+peer holds (it does so after every reconnect): it never starts a fetch or a
+revalidation, and the peer joins the task's swarm only when its copy is of the
+task's current generation.  A C{fail} with the reason C{"not downloading"}
+means the peer has no download of the task at all: it leaves the task, rather
+than being offered the piece again.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from dfly.urls import (
 )
 from dfly.wire.messages import (
     decode_ranges,
+    get_bool,
     get_int,
     get_md5,
     get_opt_int,
@@ -143,6 +149,7 @@ class Supernode:
             headers = origin_headers(lines)
             task_url = filter_url(url, get_str_list(msg, "filter", 64))
             md5 = get_md5(msg, "md5") if msg.get("md5") else None
+            seed = get_bool(msg, "seed")
             digest = get_opt_str(msg, "digest", 80)
             if digest is not None:
                 task_id = digest_task_id(digest, digest_scope(url, lines))
@@ -157,6 +164,18 @@ class Supernode:
             self._waiting[task_id].append((session, msg))
             return
         task = self.tasks.get(task_id)
+        if seed:
+            # A finished file announced after a reconnect: nobody asked for a download, so
+            # nothing is fetched or revalidated for it.
+            if task is None:
+                self._log.info(
+                    "peer {peer_id} holds task {task_id}, unknown here; not sharing it",
+                    peer_id=session.peer_id, task_id=task_id,
+                )
+                session.wire.send_control({"op": "registered", "req": req, "task": task_id, "state": "unknown"})
+            else:
+                self._admit(session, task, msg)
+            return
         if task is None:
             task = CdnTask(
                 task_id, url, task_url, headers, expected_md5=md5, expected_sha256=digest, created=time.time()
@@ -186,6 +205,11 @@ class Supernode:
             limit = len(task.piece_len)  # size unknown: only pieces already cached can be held
         have = decode_ranges(get_opt_str(msg, "have", 60000) or "", limit, clamp=True)
         if get_opt_str(msg, "generation", 64) != task.generation:
+            if get_bool(msg, "seed"):
+                # Another version than the task's: the announcing peer has nothing to share
+                # (it drops its copy when the task's generation differs from its own).
+                session.wire.send_control({"op": "registered", "req": get_int(msg, "req"), **self._task_info(task)})
+                return
             have = set()  # pieces of another version of the content are worthless here
         self.stats.setdefault((task.task_id, session.peer_id), MemberStats(joined=time.time()))
         session.tasks.add(task.task_id)
