@@ -1,8 +1,9 @@
 """Peers and the supernode getting back in step, with real processes: a supernode restart
-after a finished download."""
+after a finished download, and a peer's held copy checked against a changed origin."""
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import os
 import time
@@ -99,3 +100,75 @@ def test_supernode_restart_after_a_finished_download_stays_quiet(swarm: Swarm, f
     time.sleep(1.0)
     assert proc_cpu_seconds(second.popen.pid) - cpu < 0.3
     assert count_lines(second.log, "failed piece") == 0
+
+
+def test_peer_revalidates_a_held_file_after_the_window(swarm: Swarm, files: str) -> None:
+    """A peer daemon holding a file serves it again without any request to the origin within
+    the supernode's --revalidate-after (default 5 s); after it, a request is revalidated
+    through the supernode: unchanged (304) the held copy is served, nothing downloaded
+    again; changed, the new content is downloaded and served."""
+    size = 2 * MIB
+    path = make_file(files, "f.bin", size, seed=1)
+    swarm.start_origin(files)
+    swarm.start_supernode()
+    swarm.start_peer("p1")
+    url = swarm.origin_url("f.bin")
+
+    def fetch(name: str) -> str:
+        out = os.path.join(swarm.root, name)
+        r = swarm.dfget(url, out, peer="p1", timeout=60)
+        assert r.returncode == 0, r.stderr
+        return sha256_file(out)
+
+    old = sha256_file(path)
+    t0 = time.monotonic()
+    assert fetch("n1") == old
+    assert fetch("n2") == old
+    assert time.monotonic() - t0 < 4.5, "too slow to check the window"
+    stats = swarm.origin_stats()
+    assert stats["requests"]["f.bin"] == 1 and stats["statuses"] == {"f.bin 200": 1}
+    served = swarm.task("/f.bin")["served_bytes"]
+
+    time.sleep(max(0.0, t0 + 5.5 - time.monotonic()))
+    t1 = time.monotonic()
+    assert fetch("n3") == old
+    stats = swarm.origin_stats()
+    assert stats["statuses"].get("f.bin 304") == 1 and stats["bytes"]["f.bin"] == size
+    assert swarm.task("/f.bin")["served_bytes"] == served  # the peer kept its copy
+
+    new = sha256_file(replace_file(files, "f.bin", size + 17, seed=2))
+    assert fetch("n4") == old  # still within the window the 304 started
+    assert time.monotonic() - t1 < 4.5, "too slow to check the window"
+    assert swarm.origin_stats()["requests"]["f.bin"] == 2
+
+    time.sleep(max(0.0, t1 + 5.5 - time.monotonic()))
+    assert fetch("n5") == new
+    assert "changed at the origin" in open(swarm.peers["p1"].log).read()
+
+
+def test_proxy_revalidates_a_held_rule_file_after_the_window(swarm: Swarm, files: str) -> None:
+    """The same through the peer's proxy for a --p2p-rule URL: within the window the held
+    file is served from the swarm without an origin request; after the window and a change
+    at the origin, the proxy serves the new content, from the swarm."""
+    size = 3 * MIB
+    path = make_file(files, "big.bin", size, seed=3)
+    port = swarm.start_origin(files)
+    swarm.start_supernode("--revalidate-after", "2")
+    swarm.start_peer("p1", "--p2p-rule", r"/big\.bin", proxy="tcp:0:interface=127.0.0.1")
+    proxy = int(swarm.peers["p1"].info["proxy"])
+    url = f"http://127.0.0.1:{port}/big.bin"
+    old = sha256_file(path)
+    t0 = time.monotonic()
+    for _ in range(2):
+        status, data = proxy_get(url, proxy)
+        assert status == 200 and hashlib.sha256(data).hexdigest() == old
+    assert time.monotonic() - t0 < 1.8, "too slow to check the window"
+    assert swarm.origin_stats()["requests"]["big.bin"] == 1
+
+    new = sha256_file(replace_file(files, "big.bin", size + 5, seed=4))
+    time.sleep(max(0.0, t0 + 2.5 - time.monotonic()))
+    status, data = proxy_get(url, proxy)
+    assert status == 200 and hashlib.sha256(data).hexdigest() == new
+    with open(swarm.peers["p1"].log, errors="replace") as f:
+        routes = [line for line in f if "route=" in line]
+    assert len(routes) == 3 and all("route=p2p status=200" in line for line in routes), routes

@@ -1,5 +1,6 @@
 """The supernode and peers getting back in step, with a fake origin and fake peers: seeds
-announcing what they hold after a restart, and peers that answer "not downloading".
+announcing what they hold after a restart, peers that answer "not downloading", and how long
+a content version stays trusted.
 
 Same doubles as test_supernode_unit.py: a L{FakeHttp} origin whose responses the test fires,
 L{SupernodeSession}s over L{StubWire}s, a L{MemoryReactorClock}.
@@ -7,6 +8,7 @@ L{SupernodeSession}s over L{StubWire}s, a L{MemoryReactorClock}.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from memhelpers import FakeHttp, FakeResponse, StubWire, body, chunked
@@ -15,7 +17,7 @@ from twisted.internet.testing import MemoryReactorClock
 from dfly.pieces import MIB, OVERHEAD
 from dfly.supernode.scheduler import CDN, Scheduler
 from dfly.supernode.service import Supernode, SupernodeSession
-from dfly.urls import task_id_for
+from dfly.urls import digest_task_id, task_id_for
 
 P = 1 * MIB
 URL = "http://origin.example/files/resync.bin"
@@ -75,6 +77,9 @@ def close(node: Supernode) -> None:
         t.close()
 
 
+# -- seeds ---------------------------------------------------------------------------------
+
+
 def test_restarted_supernode_takes_a_seed_without_asking_the_origin(tmp_path: Any) -> None:
     """After a restart a peer announces the finished file it holds (seed: true, every piece,
     its generation) from an origin without validators: the supernode asks the origin nothing,
@@ -90,6 +95,7 @@ def test_restarted_supernode_takes_a_seed_without_asking_the_origin(tmp_path: An
         assert http.requests == []
         (reg,) = w.ops("registered")
         assert (reg["state"], reg["generation"]) == ("done", generation)
+        assert reg["fresh_ms"] == 0  # not confirmed by the origin since the restart
         assert node.scheduler.tasks[TID].members["seed"].has == {0, 1, 2}
         assert w.ops("assign") == [] and w.ops("task_reset") == []
         s2, _ = connect(node, "asker")
@@ -128,6 +134,9 @@ def test_seed_of_another_generation_does_not_join(tmp_path: Any) -> None:
         close(node)
 
 
+# -- "not downloading" -------------------------------------------------------------------------
+
+
 def test_not_downloading_answer_is_leaving_not_a_failure_to_retry(tmp_path: Any) -> None:
     """A peer that answers an assignment with "not downloading" (it dropped the task) leaves
     the task: it is not assigned the piece again, nothing counts against it, and the piece
@@ -161,3 +170,55 @@ def test_not_downloading_answer_is_leaving_not_a_failure_to_retry(tmp_path: Any)
         close(node)
 
 
+# -- how long a version is trusted ------------------------------------------------------------
+
+
+def test_answers_say_how_long_the_version_stays_trusted(tmp_path: Any) -> None:
+    """Every registration answer carries fresh_ms, what is left of --revalidate-after since
+    the origin last confirmed the version: a peer asks again only once it ran out.  Within it
+    a registration is answered from the cache; after it the origin is asked (If-None-Match),
+    and a 304 starts a new window."""
+    clock = MemoryReactorClock()
+    clock.advance(100.0)
+    http = FakeHttp()
+    node = Supernode(clock, http, str(tmp_path / "home"), piece_size=P, revalidate_after=5.0)
+    try:
+        s, w = connect(node, "p")
+        register(s, req=1)
+        assert w.ops("registered")[-1]["fresh_ms"] == 0  # nothing known yet
+        http.respond(0, response(etag='"e1"'))
+        assert w.ops("task_info")[-1]["fresh_ms"] == 5000
+        clock.advance(2.0)
+        register(s, req=2)
+        assert len(http.requests) == 1 and w.ops("registered")[-1]["fresh_ms"] == 3000
+        clock.advance(3.5)
+        register(s, req=3)
+        (check,) = http.requests[1:]
+        assert check.headers[b"If-None-Match"] == [b'"e1"']
+        assert [m["req"] for m in w.ops("registered")] == [1, 2]  # waits for the origin
+        http.respond(1, FakeResponse(304))
+        assert w.ops("registered")[-1]["req"] == 3 and w.ops("registered")[-1]["fresh_ms"] == 5000
+    finally:
+        close(node)
+
+
+def test_content_named_by_digest_is_never_revalidated(tmp_path: Any) -> None:
+    """A cached task named by a content digest cannot change: a registration long after the
+    fetch is answered from the cache without asking the origin."""
+    clock = MemoryReactorClock()
+    http = FakeHttp()
+    node = Supernode(clock, http, str(tmp_path / "home"), piece_size=P, revalidate_after=5.0)
+    digest = "sha256:" + hashlib.sha256(CONTENT).hexdigest()
+    url = f"http://reg.example/v2/x/blobs/{digest}"
+    try:
+        s, w = connect(node, "p")
+        register(s, url=url, digest=digest)
+        http.respond(0, response(etag='"d"'))
+        assert node.tasks[digest_task_id(digest)].state == "done"
+        clock.advance(3600.0)
+        s2, w2 = connect(node, "q")
+        register(s2, url=url, digest=digest)
+        assert len(http.requests) == 1
+        assert w2.ops("registered")[-1]["state"] == "done"
+    finally:
+        close(node)

@@ -80,7 +80,7 @@ class CdnTask:
     etag: str | None = None
     last_modified: str | None = None
     generation: str | None = None
-    validated_at: float = 0.0
+    validated_at: float = float("-inf")  # when the origin last confirmed this version (never: -inf)
     source_bytes: int = 0
     served_bytes: int = 0
     error: str | None = None

@@ -11,9 +11,11 @@ C{revalidate_after} is first checked with the origin, and an unknown task is
 fetched.  A C{register} with C{"seed": true} only announces a finished file a
 peer holds (it does so after every reconnect): it never starts a fetch or a
 revalidation, and the peer joins the task's swarm only when its copy is of the
-task's current generation.  A C{fail} with the reason C{"not downloading"}
-means the peer has no download of the task at all: it leaves the task, rather
-than being offered the piece again.
+task's current generation.  Every task description carries C{fresh_ms}, how
+much longer the supernode trusts that generation without asking the origin, so
+that peers ask again (by registering) only once that has run out.  A C{fail}
+with the reason C{"not downloading"} means the peer has no download of the task
+at all: it leaves the task, rather than being offered the piece again.
 """
 
 from __future__ import annotations
@@ -186,7 +188,11 @@ class Supernode:
         elif task.state == "partial":
             task.headers = headers
             self.cdn.start(task)
-        elif task.state == "done" and self._reactor.seconds() - task.validated_at >= self.revalidate_after:
+        elif (
+            task.state == "done"
+            and task.expected_sha256 is None  # content named by its digest never changes
+            and self._reactor.seconds() - task.validated_at >= self.revalidate_after
+        ):
             self._revalidate(task, headers, session, msg)
             return
         self._admit(session, task, msg)
@@ -402,10 +408,15 @@ class Supernode:
 
     # -- sending -------------------------------------------------------------
     def _task_info(self, task: CdnTask) -> dict[str, Any]:
+        fresh = 0
+        if task.generation is not None:
+            left = self.revalidate_after - (self._reactor.seconds() - task.validated_at)
+            fresh = int(max(0.0, left) * 1000)
         return {
             "task": task.task_id,
             "state": task.state,
             "generation": task.generation,
+            "fresh_ms": fresh,
             "length": task.length,
             "piece_size": task.piece_size,
             "piece_count": task.piece_count,
