@@ -28,6 +28,23 @@ it has shown: a new attempt at a piece first marks the old one stale, which
 fails its range; a reset, failed or removed task fails every range of its
 store before the file goes.  It completes once the piece is held, and held
 bytes are never written again.
+
+Holding and revalidating.  A finished download stays in the store and is shared
+until it expires.  The supernode says, with every description of a task
+(C{fresh_ms}), how much longer it trusts the task's content version without
+asking the origin; a request for a held file within that time is answered at
+once.  After it, the request waits for one round trip: the node registers the
+task again, and the supernode (revalidating with the origin if its own window
+has run out) answers with the current generation.  The same generation: the held
+file is served.  Another one: the held file is dropped and the new version is
+downloaded for the waiting requests.  With no supernode link the held file is
+served.  Tasks named by a content digest never change and are never revalidated.
+After every reconnect a finished download is announced with C{"seed": true}:
+that only offers its pieces to others, and never makes the supernode fetch or
+revalidate anything.  A download the node drops (expired, evicted, or of a
+content version that is gone) leaves its task, and an assignment for a task the
+node has no download of is answered C{"not downloading"}, which the supernode
+takes as leaving the task.
 """
 
 from __future__ import annotations
@@ -90,6 +107,9 @@ Progress = Callable[[int, "int | None"], None]
 
 # Seconds a relay get for a piece we have not started yet waits for our own attempt.
 RELAY_GRACE = 3.0
+# The reason of the fail answering an assignment for a task we have no download of; the
+# supernode takes it as our leaving the task.
+NOT_DOWNLOADING = "not downloading"
 
 
 @dataclass
@@ -180,6 +200,10 @@ class Download:
         self.generation: str | None = None
         self.error: Exception | None = None
         self.epoch = 0  # bumped when the content version changes; late callbacks check it
+        # Until when (node clock) the supernode trusts this content version without asking
+        # the origin; a done download requested after that is revalidated first.
+        self.trusted_until = float("-inf")
+        self.revalidating = False  # done, and registered again to check the version
 
     @property
     def store(self) -> Any:
@@ -296,9 +320,12 @@ class PeerNode:
         dl = self.downloads.get(task_id)
         if dl is not None and dl.state == "done" and dl.store is not None:
             dl.store.last_access = self.clock()
-            if progress is not None:
-                progress(dl.received(), dl.length)
-            return succeed(dl.result())
+            if not dl.revalidating and self._trusted(dl):
+                if progress is not None:
+                    progress(dl.received(), dl.length)
+                return succeed(dl.result())
+            if not dl.revalidating:
+                self._revalidate(dl, request)
         if dl is None or dl.state == "failed":
             dl = self.downloads[task_id] = Download(self, request)
             self._register(dl)
@@ -316,6 +343,42 @@ class PeerNode:
         d: Deferred[DownloadResult] = Deferred(cancel)
         dl.waiters.append(d)
         return d
+
+    def _trusted(self, dl: Download) -> bool:
+        """Whether a done download may be served without asking the supernode."""
+        if dl.request.digest is not None or self.clock() < dl.trusted_until:
+            return True  # named by its content, or still within the supernode's window
+        if not self.link.connected:
+            self._log.info(
+                "no supernode to revalidate task {task_id} with; serving the copy held", task_id=dl.task_id
+            )
+            return True
+        return False
+
+    def _revalidate(self, dl: Download, request: DownloadRequest) -> None:
+        """Register a done download again: the answer says whether its version is current."""
+        self._log.info("revalidating task {task_id} with the supernode", task_id=dl.task_id)
+        dl.request = request  # the latest request's headers go to the origin
+        dl.revalidating = True
+        self._register(dl)
+
+    def _serve_held(self, dl: Download) -> None:
+        """The held copy of a revalidating download is the answer: hand it to the waiters."""
+        dl.revalidating = False
+        if dl.req_id is not None:
+            self._by_req.pop(dl.req_id, None)
+            dl.req_id = None
+        store = dl.store
+        if store is not None:
+            store.last_access = self.clock()
+        waiters, dl.waiters = dl.waiters, []
+        listeners, dl.listeners = dl.listeners, []
+        for listener in listeners:
+            listener(dl.received(), dl.length)
+        result = dl.result()
+        for d in waiters:
+            d.callback(result)
+        dl.notify()
 
     def stream(
         self,
@@ -348,8 +411,8 @@ class PeerNode:
         epoch stays the same, so a client may copy them before the whole file is verified."""
         dl = self.downloads.get(task_id)
         store = dl.store if dl is not None else None
-        if dl is None or store is None or dl.length is None:
-            return None
+        if dl is None or store is None or dl.length is None or dl.revalidating:
+            return None  # (a copy being revalidated may be about to go)
         return store.data_path, min(dl.length, store.data_offset(dl.held_run)), dl.epoch
 
     # -- supernode link ------------------------------------------------------
@@ -364,7 +427,8 @@ class PeerNode:
         for dl in list(self.downloads.values()):
             if dl.state != "failed":
                 try:
-                    self._register(dl)
+                    # A finished file is announced, not requested: no fetch, no revalidation.
+                    self._register(dl, seed=dl.state == "done" and not dl.revalidating)
                 except DflyError as e:  # one bad entry must not keep the others unregistered
                     self._fail(dl, e)
 
@@ -374,6 +438,10 @@ class PeerNode:
         # the origin) rather than waiting forever.
         if self._orphaned is None:
             self._orphaned = self.reactor.callLater(self.link_timeout, self._link_gone)
+        # Requests waiting for a revalidation get the copy held: nobody can say it changed.
+        for dl in list(self.downloads.values()):
+            if dl.revalidating:
+                self._serve_held(dl)
 
     def _link_gone(self) -> None:
         self._orphaned = None
@@ -384,7 +452,7 @@ class PeerNode:
             if dl.state not in ("done", "failed"):
                 self._fail(dl, error, leave=False)
 
-    def _register(self, dl: Download) -> None:
+    def _register(self, dl: Download, seed: bool = False) -> None:
         self._req += 1
         if dl.req_id is not None:
             self._by_req.pop(dl.req_id, None)
@@ -393,6 +461,8 @@ class PeerNode:
         store = dl.store
         have = encode_ranges(set(store.have)) if store is not None else ""
         msg = self._register_msg(dl.request, dl.req_id, have, dl.generation)
+        if seed:
+            msg["seed"] = True
         if not self.link.send(msg) and dl.link_timer is None and dl.state == "waiting":
             dl.link_timer = self.reactor.callLater(self.link_timeout, self._no_link, dl)
 
@@ -432,6 +502,9 @@ class PeerNode:
                 return
             if dl.state == "waiting":
                 dl.state = "registered"
+            if dl.revalidating:
+                self._revalidated(dl, msg)
+                return
             self._task_info(dl, msg)
             return
         task_id = get_task_id(msg)
@@ -481,19 +554,41 @@ class PeerNode:
         req.cut()
         return f"slice md5 {req.digest} is not the announced {md5}"
 
+    def _revalidated(self, dl: Download, msg: dict[str, Any]) -> None:
+        """The supernode's answer to the registration of a done download being revalidated."""
+        generation = get_opt_str(msg, "generation", 64)
+        if generation is not None and generation == dl.generation and get_opt_str(msg, "state", 32) != "failed":
+            self._task_info(dl, msg)
+            if self.downloads.get(dl.task_id) is dl and dl.state == "done":
+                self._serve_held(dl)
+            return
+        # Another version (or one not known yet): what is held is not the current file.
+        self._log.info("task {task_id} changed at the origin; downloading the new version", task_id=dl.task_id)
+        self._reset(dl)
+        if self.downloads.get(dl.task_id) is dl:
+            self._task_info(dl, msg)
+
     def _reset(self, dl: Download) -> None:
-        """Forget everything held for C{dl}: the content it belongs to is gone."""
+        """Forget everything held for C{dl}: the content it belongs to is gone.  A finished
+        download nobody waits for is dropped (and leaves its task); any other starts over."""
         for req in dl.running.values():
             req.stale = True
         dl.running.clear()
         dl.piece_md5s.clear()
         self._drop_relay_waits(dl)
         self.store.remove(dl.task_id)
-        if dl.state == "done":
+        dl.revalidating = False
+        dl.trusted_until = float("-inf")
+        if dl.state == "done" and not dl.waiters:
             if self.downloads.get(dl.task_id) is dl:
                 del self.downloads[dl.task_id]
+                self.link.send({"op": "leave", "task": dl.task_id})
             dl.notify()
             return
+        if dl.state == "done":  # requests wait for the new version
+            dl.state = "registered"
+            dl.started = self.clock()
+            dl.finished_at = None
         dl.epoch += 1
         dl.piece_size = dl.length = dl.piece_count = None
         dl.file_md5 = dl.generation = None
@@ -517,6 +612,9 @@ class PeerNode:
                 return
         if generation is not None:
             dl.generation = generation
+            fresh = get_opt_int(msg, "fresh_ms", 0, 1 << 40)
+            if fresh is not None:
+                dl.trusted_until = self.clock() + fresh / 1000.0
         piece_size = get_opt_int(msg, "piece_size", 1, 1 << 30)
         if piece_size is not None and dl.piece_size is None:
             try:
@@ -558,9 +656,11 @@ class PeerNode:
         # from a report on an earlier, withdrawn attempt at the same piece and source.
         attempt = get_opt_int(msg, "attempt", 0, 1 << 62)
         tag = {} if attempt is None else {"attempt": attempt}
-        if dl is None or dl.state not in ("registered",) or dl.piece_size is None:
+        store = self.store.get(task_id)
+        if dl is None or dl.state not in ("registered", "verifying", "done") or dl.piece_size is None or store is None:
+            # No download of the task here: the supernode takes this as our leaving it.
             self.link.send(
-                {"op": "fail", "task": task_id, "piece": piece, "source": source_id, "reason": "not downloading", **tag}
+                {"op": "fail", "task": task_id, "piece": piece, "source": source_id, "reason": NOT_DOWNLOADING, **tag}
             )
             return
         if get_int(msg, "piece_size") != dl.piece_size:
@@ -572,10 +672,13 @@ class PeerNode:
             md5 = dl.piece_md5s.get(piece)  # a piece still arriving: its md5 follows (piece_md5)
         else:
             md5 = get_md5(msg, "md5")
-        store = self.store.get(task_id)
-        assert store is not None
         if piece in store.have:
             self.link.send({"op": "done", "task": task_id, "piece": piece, "source": source_id, **tag})
+            return
+        if dl.state != "registered":  # verifying or done: every piece of the task is held
+            self.link.send(
+                {"op": "fail", "task": task_id, "piece": piece, "source": source_id, "reason": NOT_DOWNLOADING, **tag}
+            )
             return
         old = dl.running.get(piece)
         if old is not None:
@@ -719,7 +822,7 @@ class PeerNode:
         if not self.cache_limit:
             return []
         total = sum(t.size() for t in self.store.tasks.values())
-        done = [dl for dl in self.downloads.values() if dl.state == "done" and dl.store is not None]
+        done = [dl for dl in self.downloads.values() if dl.state == "done" and dl.store is not None and not dl.waiters]
         evicted = []
         for dl in sorted(done, key=lambda d: d.store.last_access):
             if total <= self.cache_limit:
@@ -836,7 +939,10 @@ class PeerNode:
         try:
             for task_id, dl in list(self.downloads.items()):
                 store = dl.store
-                if dl.state == "done" and store is not None and not store.leases and now - store.last_access >= self.expire:
+                if (
+                    dl.state == "done" and store is not None and not store.leases and not dl.waiters
+                    and now - store.last_access >= self.expire
+                ):
                     self._log.info("task {task_id} expired; no longer shared", task_id=task_id)
                     self.link.send({"op": "leave", "task": task_id})
                     del self.downloads[task_id]

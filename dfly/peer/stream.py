@@ -17,6 +17,12 @@ supernode).  So a consumer never receives the final byte of a wrong file: on a
 mismatch or a failed download L{BlobStream.finished} fails instead, and the
 caller aborts its client's connection.  At most one chunk is held in memory.
 
+Versions: a stream reads the data file of one content version.  If the task's
+file is replaced by another version's while the stream reads (the origin
+changed), a stream whose file was already complete and verified finishes from
+its own descriptor (the old file's bytes stay readable and never change); any
+other stream fails.
+
 Leases: the task is leased (kept from expiry and the cache limit) while a
 stream is open and released when it ends, fails or is stopped; stopping a
 stream (the client went away) never cancels the download itself, which other
@@ -126,8 +132,8 @@ class BlobStream:
         """Open the data file once the size is known; True when the stream is ready."""
         dl = self.dl
         store = dl.store
-        if dl.length is None or store is None:
-            return False
+        if dl.length is None or store is None or dl.revalidating:
+            return False  # (a copy being revalidated may be dropped for a new version)
         try:
             self._fd = os.open(store.data_path, os.O_RDONLY)
         except OSError as e:
@@ -158,10 +164,13 @@ class BlobStream:
         if self._done:
             return
         dl = self.dl
-        if dl.state == "failed":
+        replaced = self._stored is not None and self.node.store.get(self.task_id) is not self._stored
+        if replaced and self._verified:
+            pass  # what this stream reads was complete and verified: finish it from our descriptor
+        elif dl.state == "failed":
             self._fail(dl.error or TaskFailed("the download failed"))
             return
-        if self._stored is not None and self.node.store.get(self.task_id) is not self._stored:
+        elif replaced:
             self._fail(TaskFailed("the file changed at its origin while it was being read"))
             return
         if self._fd is None:
@@ -212,7 +221,11 @@ class BlobStream:
 
     def available(self) -> int:
         """Bytes that can be read now (the verified prefix)."""
-        return self.dl.prefix() if self.node.store.get(self.task_id) is self._stored else 0
+        if self.node.store.get(self.task_id) is self._stored:
+            return self.dl.prefix()
+        if self._verified and self._fd is not None and self.length is not None:
+            return self.length  # a verified file replaced since: ours is still whole
+        return 0
 
     def _pump(self) -> None:
         if self._burst is not None:

@@ -81,7 +81,7 @@ class CdnTask:
     etag: str | None = None
     last_modified: str | None = None
     generation: str | None = None
-    validated_at: float = 0.0
+    validated_at: float = float("-inf")  # when the origin last confirmed this version (never: -inf)
     source_bytes: int = 0
     served_bytes: int = 0
     streamed: int = 0  # slices the supernode began to serve before they were whole

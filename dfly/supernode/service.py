@@ -5,6 +5,17 @@ C{fail}/C{leave}); the supernode pushes C{assign}, C{task_info} and
 C{task_failed} to them the moment scheduling or the CDN produces something.
 Any connection may also C{get} slices the CDN holds.  A lost control
 connection drops the peer from scheduling at once and re-offers its work.
+
+A C{register} is a request for the file: a cached copy older than
+C{revalidate_after} is first checked with the origin, and an unknown task is
+fetched.  A C{register} with C{"seed": true} only announces a finished file a
+peer holds (it does so after every reconnect): it never starts a fetch or a
+revalidation, and the peer joins the task's swarm only when its copy is of the
+task's current generation.  Every task description carries C{fresh_ms}, how
+much longer the supernode trusts that generation without asking the origin, so
+that peers ask again (by registering) only once that has run out.  A C{fail}
+with the reason C{"not downloading"} means the peer has no download of the task
+at all: it leaves the task, rather than being offered the piece again.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ from dfly.urls import (
 )
 from dfly.wire.messages import (
     decode_ranges,
+    get_bool,
     get_int,
     get_md5,
     get_opt_int,
@@ -46,6 +58,8 @@ from dfly.wire.protocol import FramedProtocol, GrowingRange, SliceSource
 from dfly.wire.serve import SliceServerSession
 
 PROTOCOL_VERSION = 1
+# The reason of a peer's C{fail} for a piece of a task it has no download of.
+NOT_DOWNLOADING = "not downloading"
 _PEER_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,200}$")
 
 
@@ -138,6 +152,7 @@ class Supernode:
             headers = origin_headers(lines)
             task_url = filter_url(url, get_str_list(msg, "filter", 64))
             md5 = get_md5(msg, "md5") if msg.get("md5") else None
+            seed = get_bool(msg, "seed")
             digest = get_opt_str(msg, "digest", 80)
             if digest is not None:
                 task_id = digest_task_id(digest, digest_scope(url, lines))
@@ -152,6 +167,18 @@ class Supernode:
             self._waiting[task_id].append((session, msg))
             return
         task = self.tasks.get(task_id)
+        if seed:
+            # A finished file announced after a reconnect: nobody asked for a download, so
+            # nothing is fetched or revalidated for it.
+            if task is None:
+                self._log.info(
+                    "peer {peer_id} holds task {task_id}, unknown here; not sharing it",
+                    peer_id=session.peer_id, task_id=task_id,
+                )
+                session.wire.send_control({"op": "registered", "req": req, "task": task_id, "state": "unknown"})
+            else:
+                self._admit(session, task, msg)
+            return
         if task is None:
             task = CdnTask(
                 task_id, url, task_url, headers, expected_md5=md5, expected_sha256=digest, created=time.time()
@@ -162,7 +189,11 @@ class Supernode:
         elif task.state == "partial":
             task.headers = headers
             self.cdn.start(task)
-        elif task.state == "done" and self._reactor.seconds() - task.validated_at >= self.revalidate_after:
+        elif (
+            task.state == "done"
+            and task.expected_sha256 is None  # content named by its digest never changes
+            and self._reactor.seconds() - task.validated_at >= self.revalidate_after
+        ):
             self._revalidate(task, headers, session, msg)
             return
         self._admit(session, task, msg)
@@ -181,6 +212,11 @@ class Supernode:
             limit = len(task.piece_len)  # size unknown: only pieces already cached can be held
         have = decode_ranges(get_opt_str(msg, "have", 60000) or "", limit, clamp=True)
         if get_opt_str(msg, "generation", 64) != task.generation:
+            if get_bool(msg, "seed"):
+                # Another version than the task's: the announcing peer has nothing to share
+                # (it drops its copy when the task's generation differs from its own).
+                session.wire.send_control({"op": "registered", "req": get_int(msg, "req"), **self._task_info(task)})
+                return
             have = set()  # pieces of another version of the content are worthless here
         self.stats.setdefault((task.task_id, session.peer_id), MemberStats(joined=time.time()))
         session.tasks.add(task.task_id)
@@ -250,6 +286,16 @@ class Supernode:
         task_id, piece, source = self._piece_report(session, msg)
         assert session.peer_id is not None
         reason = get_opt_str(msg, "reason", 1024) or "?"
+        if reason == NOT_DOWNLOADING:
+            # No failure to retry: the peer has no download of the task (it dropped it), so
+            # any piece offered to it again would come back the same way, at once.
+            if task_id in session.tasks or self._member(task_id, session.peer_id):
+                self._log.info(
+                    "peer {peer_id} is not downloading task {task_id}; it leaves the task",
+                    peer_id=session.peer_id, task_id=task_id,
+                )
+            self._leave(session, task_id)
+            return
         self._log.warn(
             "peer {peer_id} failed piece {piece} of {task_id} from {source}: {reason}",
             peer_id=session.peer_id,
@@ -294,10 +340,16 @@ class Supernode:
         return evicted
 
     def leave(self, session: SupernodeSession, msg: dict[str, Any]) -> None:
-        task_id = get_task_id(msg)
+        self._leave(session, get_task_id(msg))
+
+    def _leave(self, session: SupernodeSession, task_id: str) -> None:
         assert session.peer_id is not None
         session.tasks.discard(task_id)
         self._dispatch(self.scheduler.leave(task_id, session.peer_id))
+
+    def _member(self, task_id: str, peer_id: str) -> bool:
+        sched = self.scheduler.tasks.get(task_id)
+        return sched is not None and peer_id in sched.members
 
     def session_lost(self, session: SupernodeSession) -> None:
         if session.peer_id is not None and self.sessions.get(session.peer_id) is session:
@@ -390,10 +442,15 @@ class Supernode:
 
     # -- sending -------------------------------------------------------------
     def _task_info(self, task: CdnTask) -> dict[str, Any]:
+        fresh = 0
+        if task.generation is not None:
+            left = self.revalidate_after - (self._reactor.seconds() - task.validated_at)
+            fresh = int(max(0.0, left) * 1000)
         return {
             "task": task.task_id,
             "state": task.state,
             "generation": task.generation,
+            "fresh_ms": fresh,
             "length": task.length,
             "piece_size": task.piece_size,
             "piece_count": task.piece_count,
