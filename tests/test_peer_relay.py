@@ -27,6 +27,7 @@ from memhelpers import FrameCollector, PieceInfo, body, fill_task, pieces_of
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.test import iosim
 
 from dfly.devtools.fuzz import LogWatch
@@ -659,46 +660,60 @@ def test_answers_keep_request_order_behind_a_waiting_relay(world: World) -> None
 
 def test_downloader_asks_for_relay_exactly_when_assigned(tmp_path: Any) -> None:
     """D's get carries "relay": true when its assignment did and is otherwise byte for byte
-    the get of before; a relay field that is not a boolean is a protocol error on the link."""
-    clock = MemoryReactorClock()
-    node = PeerNode(clock, str(tmp_path / "d"), [("127.0.0.1", 8002)], peer_id="d", hasher=sync_hash)
-    link_transport = StringTransport()
-    link = FramedProtocol(lambda wire: LinkSession(wire, node.link))
-    link.makeConnection(link_transport)
-    assert isinstance(link.session, LinkSession)
-    node.link.session = link.session
-    node.link.address = ("127.0.0.1", 8002)
-    outcome: list[Any] = []
-    node.download(DownloadRequest(URL)).addBoth(outcome.append)
-    link.dataReceived(encode_control({
-        "op": "registered", "req": 1, "task": TID, "state": "running", "length": len(CONTENT),
-        "piece_size": P, "piece_count": len(INFOS), "md5": hashlib.md5(CONTENT).hexdigest(),
-    }))
-    source_transport = StringTransport()
-    source = FramedProtocol(lambda wire: FetchSession(wire, node.sources, RELAY))
-    source.makeConnection(source_transport)
-    assert isinstance(source.session, FetchSession)
-    node.sources._sessions[RELAY] = source.session
+    the get of before; a relayed piece goes over a connection of its own (the relay may
+    cut it), the others share one; a relay field that is not a boolean is a protocol error
+    on the link."""
+    env = LateMd5Env(tmp_path)
     try:
-        for piece, extra in ((0, {"relay": True}), (1, {}), (2, {"relay": False})):
-            info = INFOS[piece]
-            link.dataReceived(encode_control({
-                "op": "assign", "task": TID, "piece": piece, "len": info.data_len, "piece_size": P,
-                "md5": info.md5, "source": {"id": "r", "host": RELAY[0], "port": RELAY[1]}, **extra,
-            }))
-        assert source_transport.value() == (
-            encode_control({"op": "get", "task": TID, "piece": 0, "relay": True})
-            + encode_control({"op": "get", "task": TID, "piece": 1})
+        for piece, relay in ((0, True), (1, False), (2, False)):
+            env.assign(piece, INFOS[piece].md5, relay=relay)
+        relayed, shared = env.connections
+        assert relayed[1].value() == encode_control({"op": "get", "task": TID, "piece": 0, "relay": True})
+        assert shared[1].value() == (
+            encode_control({"op": "get", "task": TID, "piece": 1})
             + encode_control({"op": "get", "task": TID, "piece": 2})
         )
-        link.dataReceived(encode_control({
+        env.link.dataReceived(encode_control({
             "op": "assign", "task": TID, "piece": 0, "len": INFOS[0].data_len, "piece_size": P,
             "md5": INFOS[0].md5, "source": {"id": "r", "host": RELAY[0], "port": RELAY[1]}, "relay": "yes",
         }))
-        assert link_transport.disconnecting
+        assert env.link_transport.disconnecting
     finally:
-        node.stop()
-    assert len(outcome) == 1
+        env.node.stop()
+
+
+def test_a_cut_relay_takes_nothing_else_with_it(tmp_path: Any) -> None:
+    """When a relay cuts the connection of a piece it was relaying (its own attempt failed),
+    only that piece fails: the pieces asked of the same peer as a holder, on their shared
+    connection, arrive and are reported done.  The relayed connection closes after its one
+    answer when all goes well."""
+    from dfly.pieces import wrap
+
+    env = LateMd5Env(tmp_path)
+    try:
+        env.assign(0, INFOS[0].md5, relay=True)
+        env.assign(1, INFOS[1].md5, relay=False)
+        (relayed, rt), (shared, st) = env.connections
+        shared.dataReceived(
+            encode_control({"op": "slice", "task": TID, "piece": 1, "len": INFOS[1].data_len, "piece_size": P})
+            + wrap(INFOS[1].data, P)
+        )
+        relayed.dataReceived(
+            encode_control({"op": "slice", "task": TID, "piece": 0, "len": INFOS[0].data_len, "piece_size": P})
+            + wrap(INFOS[0].data, P)[:1000]
+        )
+        relayed.connectionLost(Failure(ConnectionError("cut by the relay")))
+        assert sorted(r[:2] for r in env.reports()) == [("done", 1), ("fail", 0)]
+        env.assign(0, INFOS[0].md5, relay=True)
+        again, at = env.connections[-1]
+        again.dataReceived(
+            encode_control({"op": "slice", "task": TID, "piece": 0, "len": INFOS[0].data_len, "piece_size": P})
+            + wrap(INFOS[0].data, P)
+        )
+        assert ("done", 0, None) in env.reports()
+        assert at.disconnecting and not st.disconnecting
+    finally:
+        env.node.stop()
 
 
 # -- garbage -----------------------------------------------------------------------------
@@ -826,11 +841,20 @@ class LateMd5Env:
             "op": "registered", "req": 1, "task": TID, "state": "running", "length": len(CONTENT),
             "piece_size": P, "piece_count": len(INFOS), "md5": hashlib.md5(CONTENT).hexdigest(),
         }))
-        self.source_transport = StringTransport()
-        self.source = FramedProtocol(lambda wire: FetchSession(wire, self.node.sources, RELAY))
-        self.source.makeConnection(self.source_transport)
-        assert isinstance(self.source.session, FetchSession)
-        self.node.sources._sessions[RELAY] = self.source.session
+        self.connections: list[tuple[FramedProtocol, StringTransport]] = []
+        self.node.sources.connect = self._connect
+
+    def _connect(self, host: str, port: int, factory: Any) -> Deferred[Any]:
+        """Each connection the node opens to a source: a protocol over a StringTransport."""
+        proto = factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        self.connections.append((proto, transport))
+        return succeed(proto)
+
+    @property
+    def source(self) -> FramedProtocol:
+        return self.connections[-1][0]
 
     def assign(self, piece: int, md5: str | None, relay: bool = True) -> None:
         info = INFOS[piece]

@@ -123,7 +123,7 @@ class FetchSession:
 
     _log = Logger()
 
-    def __init__(self, wire: FramedProtocol, pool: SourcePool, key: tuple[str, int]) -> None:
+    def __init__(self, wire: FramedProtocol, pool: SourcePool, key: tuple[Any, ...]) -> None:
         self.wire = wire
         self.pool = pool
         self.key = key
@@ -219,6 +219,7 @@ class FetchSession:
             reason = get_opt_str(msg, "reason", 512) or "?"
             self.sent.popleft()
             self._arm_deadline()
+            self._one_shot_done()
             req.finish(f"source refused: {reason}")
             return
         self.current = req
@@ -245,12 +246,19 @@ class FetchSession:
 
     def slice_finished(self) -> None:
         req = self.sent.popleft()
+        self._one_shot_done()
         parser = self.wire.parser
         req.digest = parser.last_md5 if parser is not None else None
         self.current = None
         self._arm()
         self._arm_deadline()
         req.finish(req.local_error)
+
+    def _one_shot_done(self) -> None:
+        """A relay's own connection carries one request: once answered, it goes."""
+        if len(self.key) > 2:
+            self.pool.lost(self.key, self)
+            self.wire.close()
 
     def protocol_error(self, error: ProtocolError) -> None:
         self.error = str(error)
@@ -281,19 +289,26 @@ class SourcePool:
         idle_timeout: float = 60.0,
         min_rate: float = 256 * 1024,
         download: TokenBucket | None = None,
+        connect: Callable[[str, int, FramedFactory], Deferred[Any]] | None = None,
     ) -> None:
         self.reactor = reactor
+        # connect(host, port, factory) -> Deferred firing with the protocol: a TCP connection
+        # by default; the in-memory tests give their own.
+        self.connect = connect or self._connect_tcp
         self.min_rate = min_rate
         self.download = download
         self.stall_timeout = stall_timeout
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
-        self._sessions: dict[tuple[str, int], FetchSession] = {}
-        self._connecting: dict[tuple[str, int], list[PieceRequest]] = {}
-        self._attempts: dict[tuple[str, int], Deferred[Any]] = {}
+        self._sessions: dict[tuple[Any, ...], FetchSession] = {}
+        self._connecting: dict[tuple[Any, ...], list[PieceRequest]] = {}
+        self._attempts: dict[tuple[Any, ...], Deferred[Any]] = {}
 
     def fetch(self, host: str, port: int, req: PieceRequest) -> None:
-        key = (host, port)
+        # A relayed piece gets a connection of its own: should its relay's attempt fail, the
+        # relay cuts that connection, and nothing else queued to the same host goes with it
+        # (those requests would otherwise fail, counted against a source that did no wrong).
+        key: tuple[Any, ...] = (host, port) if not req.relay else (host, port, id(req))
         session = self._sessions.get(key)
         if session is not None and session.wire.connected_open:
             session.request(req)
@@ -309,11 +324,10 @@ class SourcePool:
             holder["s"] = FetchSession(wire, self, key)
             return holder["s"]
 
-        endpoint = HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
         # Without a download limit, read up to READ_SIZE at a time (with one, a read must stay
         # small next to the bucket's depth).
         read_size = READ_SIZE if self.download is None else None
-        d = endpoint.connect(FramedFactory(make_session, download=self.download, read_size=read_size))
+        d = self.connect(host, port, FramedFactory(make_session, download=self.download, read_size=read_size))
         self._attempts[key] = d
 
         def connected(_: Any) -> None:
@@ -330,7 +344,11 @@ class SourcePool:
 
         d.addCallbacks(connected, failed)
 
-    def lost(self, key: tuple[str, int], session: FetchSession) -> None:
+    def _connect_tcp(self, host: str, port: int, factory: FramedFactory) -> Deferred[Any]:
+        endpoint = HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
+        return endpoint.connect(factory)
+
+    def lost(self, key: tuple[Any, ...], session: FetchSession) -> None:
         if self._sessions.get(key) is session:
             del self._sessions[key]
 
