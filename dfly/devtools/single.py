@@ -10,7 +10,8 @@ see L{dfly.devtools.swarm}) and times, one after the other:
   it serves peer1;
 * a I{warm} C{dfget --home peer2}: peer1 holds the file and serves it.
 
-Every output is checked against the file's md5 and deleted.  The machine may
+Every output is checked against the file's md5 and deleted; the disk is synced
+before each client starts, so none pays for the writes of the one before.  The machine may
 be shared and noisy, so the figures that matter are the per-round ratios
 (curl seconds / dfget seconds, i.e. dfget throughput as a fraction of curl's)
 and their medians over the rounds.  Peak RSS (VmHWM) of the peer daemons and
@@ -103,6 +104,7 @@ def one_round(
         peers = [swarm.start_peer(name, *peer_args) for name in ("peer1", "peer2")]
         url = swarm.origin_url(os.path.basename(data))
         out = os.path.join(root, "curl.out")
+        os.sync()
         t = time.monotonic()
         subprocess.run(["curl", "-sS", "--fail", "-o", out, url], check=True, timeout=timeout)
         result["curl_s"] = time.monotonic() - t
@@ -114,6 +116,9 @@ def one_round(
         for label, peer in (("cold", "peer1"), ("warm", "peer2")):
             out = os.path.join(root, f"{label}.out")
             cpu = [proc_cpu_seconds(p.popen.pid) for p in daemons]
+            # Every client starts on a quiet disk: the writes and deletions of the step before
+            # (a file system that discards freed blocks is slow to reuse them) are flushed first.
+            os.sync()
             children = os.times()
             t = time.monotonic()
             r = swarm.dfget(url, out, peer=peer, timeout=timeout)
