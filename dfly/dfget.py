@@ -21,6 +21,7 @@ from typing import Any, NoReturn, TextIO
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.endpoints import UNIXClientEndpoint, serverFromString
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.protocol import Protocol
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -53,6 +54,10 @@ EXIT_INTEGRITY = 4
 EXIT_TIMEOUT = 5
 EXIT_OUTPUT = 6
 EXIT_NO_SUPERNODE = 7
+EXIT_INTERRUPTED = 130
+
+# Seconds an interrupted dfget waits for its cancelled download to clean up before it stops.
+INTERRUPT_GRACE = 5.0
 
 _KIND_EXIT = {
     "OriginError": EXIT_ORIGIN,
@@ -417,6 +422,7 @@ async def via_daemon(reactor: Any, opts: Options, out: Output, reporter: Reporte
     finally:
         early.close()
         wire.close()
+        client.result.addErrback(lambda _: None)  # a loss after we stopped waiting is no news
 
 
 async def in_process(reactor: Any, opts: Options, out: Output, reporter: Reporter) -> dict[str, Any]:
@@ -459,7 +465,7 @@ class _FileSink(Protocol):
         self.f, self.total, self.reporter = f, total, reporter
         self.md5 = hashlib.md5()
         self.received = 0
-        self.done: Deferred[None] = Deferred()
+        self.done: Deferred[None] = Deferred(self._cancel)
         self.idle = idle
         self.clock = reactor
         self.timer = reactor.callLater(idle, self._stalled)
@@ -487,7 +493,16 @@ class _FileSink(Protocol):
         transport: Any = self.transport
         transport.stopProducing()
 
+    def _cancel(self, _: Deferred[None]) -> None:
+        # The caller gave up (a signal, --timeout): stop reading; the file is closed next.
+        self.error = CancelledError()
+        transport: Any = self.transport
+        if transport is not None:
+            transport.stopProducing()
+
     def dataReceived(self, data: bytes) -> None:
+        if self.error is not None:
+            return
         if self.timer.active():
             self.timer.reset(self.idle)
         try:
@@ -508,6 +523,8 @@ class _FileSink(Protocol):
             self.throttle.close()
         if self.timer.active():
             self.timer.cancel()
+        if self.done.called:  # cancelled
+            return
         if self.error is not None:
             self.done.errback(self.error)
         elif reason.check(ResponseDone) or (reason.check(PotentialDataLoss) and self.total is None):
@@ -558,15 +575,20 @@ def describe_failure(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-async def run(reactor: Any, opts: Options, stdout: TextIO, stderr: TextIO) -> int:
+async def run(
+    reactor: Any, opts: Options, stdout: TextIO, stderr: TextIO, interrupts: Deferred[int] | None = None
+) -> int:
+    """Download as C{opts} says; the exit status.  When C{interrupts} fires (a signal), the
+    download is cancelled, everything it started is cleaned up, and the status is 130."""
     reporter = Reporter(stderr, not opts["quiet"])
     try:
         out = Output(opts["output"])
     except OSError as e:
         stderr.write(f"dfget: cannot write {opts['output']}: {e}\n")
         return EXIT_OUTPUT
-    # A signal stops the reactor without finishing this coroutine: drop the temp file then.
+    # If the reactor is stopped before this coroutine finishes: drop the temp file then.
     reactor.addSystemEventTrigger("before", "shutdown", out.discard)
+    stopping: list[str] = []  # why the download is being cancelled: "interrupted", "timeout"
 
     async def attempt() -> dict[str, Any]:
         try:
@@ -574,25 +596,35 @@ async def run(reactor: Any, opts: Options, stdout: TextIO, stderr: TextIO) -> in
                 return await via_daemon(reactor, opts, out, reporter)
             return await in_process(reactor, opts, out, reporter)
         except NoSupernode as e:
-            if opts["no-back-source"]:
+            if opts["no-back-source"] or stopping:
                 raise
             reporter.end()
             stderr.write(f"dfget: {e}; downloading straight from the origin\n")
             return await back_source(reactor, opts, out, reporter)
 
     d = ensureDeferred(attempt())
-    timer = None
-    if opts["timeout"]:
-        timer = reactor.callLater(opts["timeout"], d.cancel)
+
+    def stop(why: str) -> None:
+        if not stopping and not d.called:
+            stopping.append(why)
+            d.cancel()
+
+    timer = reactor.callLater(opts["timeout"], stop, "timeout") if opts["timeout"] else None
+    if interrupts is not None:
+        interrupts.addCallback(lambda _: stop("interrupted"))
     try:
         summary = await d
     except Exception as e:  # every failure becomes one line and an exit code
         out.discard()
         reporter.end()
-        if isinstance(e, CancelledError) and timer is not None and not timer.active():
-            e = DownloadTimeout(f"timed out after {opts['timeout']:g} s")
-        stderr.write(f"dfget: {describe(e)}\n")
-        return exit_code(e)
+        if stopping == ["interrupted"]:
+            stderr.write("dfget: interrupted\n")
+            return EXIT_INTERRUPTED
+        error: Exception = e
+        if stopping == ["timeout"]:
+            error = DownloadTimeout(f"timed out after {opts['timeout']:g} s")
+        stderr.write(f"dfget: {describe(error)}\n")
+        return exit_code(error)
     finally:
         if timer is not None and timer.active():
             timer.cancel()
@@ -629,25 +661,48 @@ def main(argv: list[str] | None = None) -> None:
         default_home = data_home("peer")
         if os.path.exists(os.path.join(default_home, "dfly.sock")):
             opts["home"] = default_home
-    from twisted.internet import reactor as _reactor
     from twisted.internet import task
 
-    # SIGHUP (a closed terminal) stops cleanly too, so no temporary file is left behind.
-    r: Any = _reactor
-    signal.signal(signal.SIGHUP, lambda *_: r.callFromThread(r.stop))
     codes: list[int] = []
 
     async def go(reactor: Any) -> None:
-        codes.append(await run(reactor, opts, sys.stdout, sys.stderr))
+        interrupts: Deferred[int] = Deferred()
+
+        def stop_now() -> None:
+            try:
+                reactor.stop()  # the shutdown triggers still drop the temporary files
+            except ReactorNotRunning:
+                pass
+
+        def interrupted(signum: int) -> None:
+            if interrupts.called:
+                stop_now()  # a second signal
+                return
+            interrupts.callback(signum)
+            # The cancelled download cleans up at once; should it not, stop anyway.
+            reactor.callLater(INTERRUPT_GRACE, stop_now)
+
+        def install() -> None:
+            # After the reactor's own handlers (which would stop it with the download still
+            # running): a signal cancels the download, which then cleans up and exits 130.
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(signum, lambda n, _frame: reactor.callFromThread(interrupted, n))
+
+        reactor.callWhenRunning(install)
+        codes.append(await run(reactor, opts, sys.stdout, sys.stderr, interrupts))
 
     try:
         task.react(lambda reactor: ensureDeferred(go(reactor)))
     except SystemExit:
         pass
     if not codes:
-        # The reactor stopped before dfget finished: a signal (Ctrl-C, SIGTERM).
+        # The reactor stopped before dfget finished (a second signal, or a signal before the
+        # handlers above were installed).  The shutdown triggers removed the temporary files;
+        # exit without finalizing the unfinished coroutines, which would only print noise.
         sys.stderr.write("dfget: interrupted\n")
-        raise SystemExit(130)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
     raise SystemExit(codes[0])
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -280,3 +281,87 @@ def test_supernode_lost_mid_download_falls_back_or_exits_7(swarm: Swarm, files: 
     assert open(outs[0], "rb").read() == open(src, "rb").read()
     assert codes[1][0] == 7, codes[1]
     assert not os.path.exists(outs[1])
+
+
+class StderrWatch:
+    """Collects a running process's stderr lines in a thread, so a test can wait for one."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        self.lines: list[str] = []
+        self._stream = proc.stderr
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self._stream:
+            self.lines.append(line)
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.lines):
+            assert time.monotonic() < deadline, f"no {text!r} on stderr within {timeout:g} s: {self.lines}"
+            time.sleep(0.05)
+
+    def text(self, timeout: float = 10.0) -> str:
+        """Everything the process wrote, once it has closed its stderr."""
+        self._thread.join(timeout)
+        return "".join(self.lines)
+
+
+def wait_for_task(swarm: Swarm, suffix: str, timeout: float = 20.0) -> None:
+    """Until the supernode has a task for a URL ending in C{suffix} (a download is under way)."""
+    deadline = time.monotonic() + timeout
+    while not any(t["url"].endswith(suffix) and t.get("source_bytes") for t in swarm.api()["tasks"]):
+        assert time.monotonic() < deadline, f"no task for {suffix} within {timeout:g} s"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("mode", ["daemon", "in-process", "origin"])
+def test_signal_mid_download_exits_130_in_every_mode(swarm: Swarm, files: str, mode: str, sig: int) -> None:
+    """Ctrl-C or SIGTERM of a dfget mid-download, whether handed to a daemon (--home), run by
+    an in-process peer (--supernode) or downloading straight from the origin after a fallback,
+    gives exit 130 and the single line 'dfget: interrupted', and leaves no temporary file; the
+    daemon carries on and serves the next dfget."""
+    src = make_file(files, "f.bin", 8 * 1024 * 1024)
+    swarm.start_origin(files, "--rate", "1M")
+    swarm.start_supernode("--piece-size", "1")
+    swarm.start_peer("p")
+    outdir = os.path.join(swarm.root, "out")
+    os.makedirs(outdir)
+    out = os.path.join(outdir, "f.out")
+    url = swarm.origin_url("f.bin")
+    if mode == "daemon":
+        argv = swarm.dfget_argv(url, out, peer="p")
+    elif mode == "in-process":
+        argv = swarm.dfget_argv(url, out)
+    else:
+        argv = [tool("dfget"), url, "-o", out, "--supernode", f"127.0.0.1:{free_port()}"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=swarm.root)
+    watch = StderrWatch(proc)
+    try:
+        if mode == "origin":
+            watch.wait_for("straight from the origin", 30)
+        else:
+            wait_for_task(swarm, "/f.bin")
+        time.sleep(0.5)
+        assert proc.poll() is None, watch.text()
+        proc.send_signal(sig)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    err = watch.text()
+    assert proc.returncode == 130, (proc.returncode, err)
+    lines = err.strip().splitlines()
+    # Only the line that says why; after a fallback, the notice of it before that.
+    assert lines[-1] == "dfget: interrupted", err
+    assert all("straight from the origin" in line for line in lines[:-1]) and len(lines) <= 2, err
+    assert leftovers(outdir, set()) == []
+    peer = swarm.peers["p"]
+    assert peer.alive()
+    r = swarm.dfget(url, out, peer="p")
+    assert r.returncode == 0, r.stderr
+    assert open(out, "rb").read() == open(src, "rb").read()
