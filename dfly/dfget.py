@@ -42,6 +42,7 @@ from dfly.errors import (
 )
 from dfly.ratelimit import InboundThrottle, make_bucket
 from dfly.urls import check_url, origin_headers, parse_header_lines
+from dfly.wire.framing import MAX_CONTROL
 
 BACK_SOURCE_IDLE = 60.0
 _BODY_DONE = Failure(ResponseDone())
@@ -167,6 +168,23 @@ class Options(dict[str, Any]):
                 raise usage.UsageError("cannot name the output after the URL; give -o PATH")
             self["output"] = name
         self["filters"] = [k for k in self["filter"].split("&") if k]
+        size = request_size(self)
+        if size > REQUEST_LIMIT:
+            # The same words as the peer's refusal, but before anything is sent.
+            raise usage.UsageError(f"request too large ({size} bytes of URL and headers, at most {REQUEST_LIMIT})")
+
+
+# The largest request a peer registers with its supernode (PeerNode.download refuses more):
+# it must fit a control frame with room to spare.
+REQUEST_LIMIT = MAX_CONTROL - 4096
+
+
+def request_size(opts: Options) -> int:
+    """Bytes of the registration a peer would send for this download (see L{REQUEST_LIMIT})."""
+    from dfly.peer.node import DownloadRequest, PeerNode
+
+    request = DownloadRequest(opts["url"], opts["header"], opts["filters"], opts["md5"], opts["identifier"])
+    return len(json.dumps(PeerNode._register_msg(request, 0, "", None)))
 
 
 class Reporter:

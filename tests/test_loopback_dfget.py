@@ -365,3 +365,23 @@ def test_signal_mid_download_exits_130_in_every_mode(swarm: Swarm, files: str, m
     r = swarm.dfget(url, out, peer="p")
     assert r.returncode == 0, r.stderr
     assert open(out, "rb").read() == open(src, "rb").read()
+
+
+@pytest.mark.parametrize("mode", ["daemon", "in-process"])
+def test_request_too_large_is_a_usage_error(swarm: Swarm, files: str, mode: str) -> None:
+    """A header too large for the protocol's 64 KiB control frames is a usage error (exit 2)
+    with one line, the same in both modes, found before anything is sent: the origin and the
+    supernode see no request and the daemon carries on."""
+    make_file(files, "f.bin", 1000)
+    swarm.start_origin(files)
+    swarm.start_supernode()
+    swarm.start_peer("p")
+    out = os.path.join(swarm.root, "f.out")
+    r = swarm.dfget(swarm.origin_url("f.bin"), out, "-H", "X-A: " + "a" * 70_000, peer="p" if mode == "daemon" else None)
+    assert r.returncode == 2, r
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("dfget: request too large (") and "bytes of URL and headers" in r.stderr, r.stderr
+    assert not os.path.exists(out)
+    assert swarm.origin_stats()["requests"] == {}
+    assert swarm.api()["tasks"] == []
+    assert swarm.peers["p"].alive()
