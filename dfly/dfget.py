@@ -21,7 +21,7 @@ from typing import Any, NoReturn, TextIO
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.endpoints import UNIXClientEndpoint, serverFromString
-from twisted.internet.error import ReactorNotRunning
+from twisted.internet.error import ConnectingCancelledError, ReactorNotRunning
 from twisted.internet.protocol import Protocol
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -35,6 +35,7 @@ from dfly.errors import (
     DflyError,
     DownloadTimeout,
     IntegrityError,
+    NoDaemon,
     NoSupernode,
     OriginError,
     ProtocolError,
@@ -76,7 +77,8 @@ DESCRIPTION = (
 )
 EPILOG = (
     "exit status: 0 done and verified, 1 failed, 2 usage, 3 origin error, 4 integrity "
-    "error, 5 timeout, 6 cannot write the output, 7 no supernode (with --no-back-source)"
+    "error, 5 timeout, 6 cannot write the output, 7 no supernode or daemon (with --no-back-source), "
+    "130 interrupted"
 )
 
 
@@ -168,6 +170,10 @@ class Options(dict[str, Any]):
                 raise usage.UsageError("cannot name the output after the URL; give -o PATH")
             self["output"] = name
         self["filters"] = [k for k in self["filter"].split("&") if k]
+        # Neither --home nor --supernode: the daemon at the default home if one answers there,
+        # else the default supernode.  Rate limits apply to an in-process peer only.
+        automatic = not self["home"] and not self["supernode"] and not (self["upload-rate"] or self["download-rate"])
+        self["find-daemon"] = data_home("peer") if automatic else None
         size = request_size(self)
         if size > REQUEST_LIMIT:
             # The same words as the peer's refusal, but before anything is sent.
@@ -353,8 +359,9 @@ class EarlyCopy:
 class _ApiClient:
     """Client side of the peer daemon's local API."""
 
-    def __init__(self, wire: Any, reporter: Reporter, early: EarlyCopy | None = None) -> None:
+    def __init__(self, wire: Any, sock: str, reporter: Reporter, early: EarlyCopy) -> None:
         self.wire = wire
+        self.sock = sock
         self.reporter = reporter
         self.early = early
         self.result: Deferred[dict[str, Any]] = Deferred()
@@ -367,7 +374,7 @@ class _ApiClient:
         if op == "progress":
             self.reporter.progress(int(msg.get("received") or 0), msg.get("total"))
             path, ready = msg.get("path"), msg.get("ready")
-            if self.early is not None and isinstance(path, str) and isinstance(ready, int):
+            if isinstance(path, str) and isinstance(ready, int):
                 self.early.advance(path, ready, msg.get("epoch"))
         elif op in ("done", "failed") and not self.result.called:
             self.result.callback(msg)
@@ -383,7 +390,8 @@ class _ApiClient:
 
     def connection_lost(self, reason: Failure) -> None:
         if not self.result.called:
-            self.result.errback(DflyError(f"peer daemon closed the connection: {reason.getErrorMessage()}"))
+            # The daemon died or was stopped: as if it could not be reached (back to the origin).
+            self.result.errback(NoDaemon(f"lost the peer daemon at {self.sock} before the download finished"))
 
 
 def _raise_kind(msg: dict[str, Any]) -> None:
@@ -399,26 +407,33 @@ def _raise_kind(msg: dict[str, Any]) -> None:
     raise cls(reason)
 
 
-async def via_daemon(reactor: Any, opts: Options, out: Output, reporter: Reporter) -> dict[str, Any]:
+async def connect_daemon(reactor: Any, home: str, out: Output, reporter: Reporter) -> _ApiClient:
+    """Open the local API of the daemon whose home is C{home}; L{NoDaemon} if none answers
+    there (no socket, or a stale one that refuses connections)."""
     from dfly.peer.tap import socket_path
     from dfly.wire.protocol import FramedFactory
 
-    sock = socket_path(os.path.abspath(opts["home"]))
+    sock = socket_path(os.path.abspath(home))
     if not os.path.exists(sock):
-        raise NoSupernode(f"no peer daemon listening at {sock}")
+        raise NoDaemon(f"no peer daemon listening at {sock}")
     holder: list[_ApiClient] = []
 
-    early = EarlyCopy(out.tmp)
-
     def make(wire: Any) -> _ApiClient:
-        holder.append(_ApiClient(wire, reporter, early))
+        holder.append(_ApiClient(wire, sock, reporter, EarlyCopy(out.tmp)))
         return holder[0]
 
     try:
-        wire = await UNIXClientEndpoint(reactor, sock, timeout=5).connect(FramedFactory(make))
+        await UNIXClientEndpoint(reactor, sock, timeout=5).connect(FramedFactory(make))
+    except (CancelledError, ConnectingCancelledError):
+        raise CancelledError() from None
     except Exception as e:
-        raise NoSupernode(f"cannot reach the peer daemon at {sock}: {e}") from None
-    client = holder[0]
+        raise NoDaemon(f"cannot reach the peer daemon at {sock}: {e}") from None
+    return holder[0]
+
+
+async def via_daemon(client: _ApiClient, opts: Options, out: Output) -> dict[str, Any]:
+    """Hand the download to the daemon C{client} is connected to and copy out its file."""
+    wire, early = client.wire, client.early
     try:
         wire.send_control(
             {
@@ -441,6 +456,21 @@ async def via_daemon(reactor: Any, opts: Options, out: Output, reporter: Reporte
         early.close()
         wire.close()
         client.result.addErrback(lambda _: None)  # a loss after we stopped waiting is no news
+
+
+async def through_swarm(reactor: Any, opts: Options, out: Output, reporter: Reporter) -> dict[str, Any]:
+    """The download by a daemon (--home, or one found at the default home) or by an
+    in-process peer; L{NoSupernode} (or L{NoDaemon}) when neither can do it."""
+    if opts["home"]:
+        return await via_daemon(await connect_daemon(reactor, opts["home"], out, reporter), opts, out)
+    if opts["find-daemon"]:
+        try:
+            client = await connect_daemon(reactor, opts["find-daemon"], out, reporter)
+        except NoDaemon:
+            pass  # none runs there: the supernode at its default address, through our own peer
+        else:
+            return await via_daemon(client, opts, out)
+    return await in_process(reactor, opts, out, reporter)
 
 
 async def in_process(reactor: Any, opts: Options, out: Output, reporter: Reporter) -> dict[str, Any]:
@@ -610,9 +640,7 @@ async def run(
 
     async def attempt() -> dict[str, Any]:
         try:
-            if opts["home"]:
-                return await via_daemon(reactor, opts, out, reporter)
-            return await in_process(reactor, opts, out, reporter)
+            return await through_swarm(reactor, opts, out, reporter)
         except NoSupernode as e:
             if opts["no-back-source"] or stopping:
                 raise
@@ -662,7 +690,10 @@ def describe(error: BaseException) -> str:
 def exit_code(error: BaseException) -> int:
     if isinstance(error, OSError):
         return EXIT_OUTPUT
-    return _KIND_EXIT.get(type(error).__name__, EXIT_FAILED)
+    for cls in type(error).__mro__:  # NoDaemon is a NoSupernode
+        if cls.__name__ in _KIND_EXIT:
+            return _KIND_EXIT[cls.__name__]
+    return EXIT_FAILED
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -675,10 +706,6 @@ def main(argv: list[str] | None = None) -> None:
     if opts["version"]:
         print(f"dfget {__version__}")
         raise SystemExit(0)
-    if not opts["home"] and not opts["supernode"] and not (opts["upload-rate"] or opts["download-rate"]):
-        default_home = data_home("peer")
-        if os.path.exists(os.path.join(default_home, "dfly.sock")):
-            opts["home"] = default_home
     from twisted.internet import task
 
     codes: list[int] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -385,3 +386,90 @@ def test_request_too_large_is_a_usage_error(swarm: Swarm, files: str, mode: str)
     assert swarm.origin_stats()["requests"] == {}
     assert swarm.api()["tasks"] == []
     assert swarm.peers["p"].alive()
+
+
+def test_daemon_killed_mid_download_falls_back_or_exits_7(swarm: Swarm, files: str) -> None:
+    """When the peer daemon dies mid-download (SIGKILL), dfget does as when no daemon can be
+    reached: it downloads straight from the origin (complete and verified), or, with
+    --no-back-source, exits 7 with one line saying so and nothing at -o."""
+    src = make_file(files, "f.bin", 6 * 1024 * 1024)
+    swarm.start_origin(files, "--rate", "2M")
+    swarm.start_supernode("--piece-size", "1")
+    swarm.start_peer("p")
+    url = swarm.origin_url("f.bin")
+    outs = [os.path.join(swarm.root, n) for n in ("fallback.out", "strict.out")]
+    procs = [
+        subprocess.Popen(swarm.dfget_argv(url, outs[0], peer="p"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        subprocess.Popen(
+            swarm.dfget_argv(url + "?b", outs[1], "--no-back-source", peer="p"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ),
+    ]
+    try:
+        wait_for_task(swarm, "/f.bin")
+        wait_for_task(swarm, "/f.bin?b")
+        time.sleep(0.5)
+        peer = swarm.peers["p"]
+        peer.stop(signal.SIGKILL)
+        peer.name = "killed-p"
+        results = [p.communicate(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+    (out0, err0), (_, err1) = results
+    assert procs[0].returncode == 0, err0
+    assert "straight from the origin" in err0
+    assert open(outs[0], "rb").read() == open(src, "rb").read()
+    assert procs[1].returncode == 7, err1
+    assert len(err1.strip().splitlines()) == 1 and "peer daemon" in err1, err1
+    assert not os.path.exists(outs[1])
+    assert leftovers(swarm.root, {"origin.log", "origin.port", "supernode", "supernode.log", "supernode.ready",
+                                  "p", "p.log", "p.ready", "fallback.out"}) == []
+
+
+def port_is_free(port: int) -> bool:
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def test_default_daemon_or_else_default_supernode(swarm: Swarm, files: str) -> None:
+    """With neither --home nor --supernode: a stale socket at the default home (a daemon that
+    crashed) means no daemon runs there, so dfget uses the supernode at 127.0.0.1:8002 (not
+    the origin); once a daemon runs at the default home, dfget hands the download to it."""
+    if not port_is_free(8002):
+        pytest.skip("127.0.0.1:8002 is in use")
+    src = make_file(files, "f.bin", 300_000)
+    swarm.start_origin(files)
+    swarm.start_supernode("--port", "tcp:8002:interface=127.0.0.1")
+    data = os.path.join(swarm.root, "data")
+    home = os.path.join(data, "dfly", "peer")
+    os.makedirs(home)
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(os.path.join(home, "dfly.sock"))
+    stale.close()  # the file stays; connecting to it is refused
+    env = {**os.environ, "XDG_DATA_HOME": data}
+    out = os.path.join(swarm.root, "f.out")
+    url = swarm.origin_url("f.bin")
+    r = subprocess.run([tool("dfget"), url, "-o", out, "--json"], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, r
+    assert r.stderr == "", r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["from_supernode"] + summary["from_peers"] == len(open(src, "rb").read()), summary
+    assert "from_origin" not in summary
+    assert open(out, "rb").read() == open(src, "rb").read()
+    os.unlink(os.path.join(home, "dfly.sock"))
+    swarm.start_peer("peer", "--home", home, "--supernode", "127.0.0.1:8002")
+    os.unlink(out)
+    r = subprocess.run([tool("dfget"), url + "?again", "-o", out, "--json"], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, r
+    assert open(out, "rb").read() == open(src, "rb").read()
+    with open(swarm.peers["peer"].log) as f:
+        assert "done: 300000 bytes" in f.read()
