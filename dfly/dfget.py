@@ -401,6 +401,7 @@ def _raise_kind(msg: dict[str, Any]) -> None:
         "NoSupernode": NoSupernode,
         "IntegrityError": IntegrityError,
         "StorageError": StorageError,
+        "DownloadTimeout": DownloadTimeout,
     }.get(str(kind), DflyError)
     if cls is OriginError:
         raise OriginError(reason, msg.get("status"))
@@ -537,7 +538,7 @@ class _FileSink(Protocol):
             self.timer = self.clock.callLater(self.idle, self._stalled)
 
     def _stalled(self) -> None:
-        self.error = OriginError(f"origin sent nothing for {self.idle:g} s")
+        self.error = DownloadTimeout(f"origin sent nothing for {self.idle:g} s")
         transport: Any = self.transport
         transport.stopProducing()
 
@@ -587,12 +588,25 @@ async def back_source(reactor: Any, opts: Options, out: Output, reporter: Report
 
     start = time.monotonic()
     client = OriginClient(reactor, persistent=False, ca_file=opts["ca-file"])
+    d = client.request("GET", opts["url"], headers=origin_headers(opts["header"]))
+    silent: list[bool] = []
+
+    def give_up() -> None:
+        silent.append(True)
+        d.cancel()
+
+    timer = reactor.callLater(BACK_SOURCE_IDLE, give_up)
     try:
-        response = await client.request("GET", opts["url"], headers=origin_headers(opts["header"]))
-    except CancelledError:
-        raise
+        response = await d
     except Exception as e:
+        if silent:
+            raise DownloadTimeout(f"origin sent nothing for {BACK_SOURCE_IDLE:g} s") from None
+        if _was_cancelled(e):  # by our caller (a signal, --timeout), not an origin error
+            raise CancelledError() from None
         raise OriginError(f"cannot fetch {opts['url']}: {describe_failure(e)}") from None
+    finally:
+        if timer.active():
+            timer.cancel()
     total = None if response.length is UNKNOWN_LENGTH else response.length
     if response.code != 200:
         response.deliverBody(_Discard())
@@ -613,6 +627,13 @@ async def back_source(reactor: Any, opts: Options, out: Output, reporter: Report
 class _Discard(Protocol):
     def dataReceived(self, data: bytes) -> None:
         pass
+
+
+def _was_cancelled(error: BaseException) -> bool:
+    """Whether a failed request was cancelled (the Agent wraps the CancelledError)."""
+    if isinstance(error, (CancelledError, ConnectingCancelledError)):
+        return True
+    return any(r.check(CancelledError, ConnectingCancelledError) for r in getattr(error, "reasons", None) or ())
 
 
 def describe_failure(error: BaseException) -> str:

@@ -473,3 +473,36 @@ def test_default_daemon_or_else_default_supernode(swarm: Swarm, files: str) -> N
     assert open(out, "rb").read() == open(src, "rb").read()
     with open(swarm.peers["peer"].log) as f:
         assert "done: 300000 bytes" in f.read()
+
+
+@pytest.mark.parametrize("mode", ["daemon", "in-process"])
+def test_silent_origin_is_a_timeout_naming_the_option(swarm: Swarm, silent_server: int, mode: str) -> None:
+    """An origin that accepts the connection and never answers: after the supernode's
+    --origin-timeout dfget exits 5 (timeout) with one line that says the origin did not
+    answer within that time and names the option; no 'CancelledError', nothing at -o."""
+    swarm.start_supernode("--origin-timeout", "2")
+    swarm.start_peer("p")
+    out = os.path.join(swarm.root, "f.out")
+    t0 = time.monotonic()
+    r = swarm.dfget(f"http://127.0.0.1:{silent_server}/f.bin", out, peer="p" if mode == "daemon" else None, timeout=60)
+    assert r.returncode == 5, r
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "did not answer within 2 s" in r.stderr and "--origin-timeout" in r.stderr, r.stderr
+    assert "CancelledError" not in r.stderr
+    assert time.monotonic() - t0 < 20
+    assert not os.path.exists(out)
+
+
+def test_timeout_while_the_origin_is_silent_exits_5(swarm: Swarm, silent_server: int) -> None:
+    """--timeout firing while dfget waits for the origin's answer on its own (no daemon at
+    --home) is a timeout, exit 5, not an origin error."""
+    home = os.path.join(swarm.root, "nohome")
+    os.makedirs(home)
+    out = os.path.join(swarm.root, "f.out")
+    r = subprocess.run(
+        [tool("dfget"), f"http://127.0.0.1:{silent_server}/f.bin", "-o", out, "--home", home, "--timeout", "1"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 5, r
+    assert r.stderr.strip().splitlines()[-1] == "dfget: timed out after 1 s", r.stderr
+    assert not os.path.exists(out)
