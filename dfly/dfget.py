@@ -42,7 +42,7 @@ from dfly.errors import (
     StorageError,
 )
 from dfly.ratelimit import InboundThrottle, make_bucket
-from dfly.urls import check_url, origin_headers, parse_header_lines
+from dfly.urls import check_url, origin_headers, parse_header_lines, url_credentials
 from dfly.wire.framing import MAX_CONTROL
 
 BACK_SOURCE_IDLE = 60.0
@@ -131,6 +131,8 @@ class Options(dict[str, Any]):
         if not self["url"]:
             raise usage.UsageError("a URL is required")
         try:
+            # user:password@ becomes an Authorization header, as with --header (the task's identity).
+            self["url"], self["header"] = url_credentials(self["url"], self["header"])
             check_url(self["url"])
             parse_header_lines(self["header"])
         except DflyError as e:

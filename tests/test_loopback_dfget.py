@@ -506,3 +506,44 @@ def test_timeout_while_the_origin_is_silent_exits_5(swarm: Swarm, silent_server:
     assert r.returncode == 5, r
     assert r.stderr.strip().splitlines()[-1] == "dfget: timed out after 1 s", r.stderr
     assert not os.path.exists(out)
+
+
+def test_url_credentials_work_in_every_mode_and_never_reach_a_log(swarm: Swarm, files: str) -> None:
+    """http://user:password@host/... works like --header 'Authorization: Basic ...': through
+    a daemon, an in-process peer and straight from the origin, as one task with that header;
+    a client without them gets the origin's 401; and no log shows the password."""
+    import base64
+
+    src = make_file(files, "secret.bin", 200_000)
+    swarm.start_origin(files, "--basic-auth", "alice:s3cr3t@pw")
+    swarm.start_supernode()
+    swarm.start_peer("p1")
+    swarm.start_peer("p2")
+    port = swarm.origin_port
+    with_creds = f"http://alice:s3cr3t%40pw@127.0.0.1:{port}/secret.bin"
+    outs = {name: os.path.join(swarm.root, f"{name}.out") for name in ("daemon", "inproc", "header", "origin", "none")}
+    runs = {
+        "daemon": swarm.dfget(with_creds, outs["daemon"], peer="p1"),
+        "inproc": swarm.dfget(with_creds, outs["inproc"]),
+        "header": swarm.dfget(
+            swarm.origin_url("secret.bin"), outs["header"],
+            "-H", "Authorization: Basic " + base64.b64encode(b"alice:s3cr3t@pw").decode(), peer="p2",
+        ),
+        "origin": subprocess.run(
+            [tool("dfget"), with_creds, "-o", outs["origin"], "--supernode", f"127.0.0.1:{free_port()}"],
+            capture_output=True, text=True, timeout=60,
+        ),
+    }
+    for name, r in runs.items():
+        assert r.returncode == 0, (name, r)
+        assert open(outs[name], "rb").read() == open(src, "rb").read(), name
+        assert "s3cr3t" not in r.stderr + r.stdout, name
+    tasks = swarm.api()["tasks"]
+    assert len(tasks) == 1, tasks  # the header and the URL's credentials are one identity
+    assert "s3cr3t" not in json.dumps(tasks) and "alice" not in json.dumps(tasks)
+    r = swarm.dfget(swarm.origin_url("secret.bin"), outs["none"], peer="p2")
+    assert r.returncode == 3 and "401" in r.stderr, r
+    assert swarm.origin_stats()["requests"]["secret.bin"] == 3  # supernode once, origin mode, 401
+    for name in ("supernode", "p1", "p2"):
+        with open(os.path.join(swarm.root, f"{name}.log")) as f:
+            assert "s3cr3t" not in f.read(), name

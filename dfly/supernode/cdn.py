@@ -56,6 +56,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from dfly.errors import DownloadTimeout, IntegrityError, OriginError, StorageError
 from dfly.pieces import OVERHEAD, TAIL, SliceHeader, default_piece_size, pwrite_all
 from dfly.ratelimit import InboundThrottle, TokenBucket
+from dfly.urls import redact_url
 
 _RESPONSE_DONE = Failure(ResponseDone())
 
@@ -203,11 +204,11 @@ class Cdn:
                 headers[b"If-Range"] = [validator.encode("latin-1")]
             self._log.info(
                 "resuming {url} for task {task_id} at piece {piece}",
-                url=task.url, task_id=task.task_id, piece=resume.pieces,
+                url=redact_url(task.url), task_id=task.task_id, piece=resume.pieces,
             )
         else:
             resume = None
-            self._log.info("fetching {url} for task {task_id}", url=task.url, task_id=task.task_id)
+            self._log.info("fetching {url} for task {task_id}", url=redact_url(task.url), task_id=task.task_id)
         d = maybeDeferred(self._http.request, "GET", task.url, headers=headers, unbuffered=True)
         silent: list[bool] = []
 
@@ -232,7 +233,7 @@ class Cdn:
         C{ResponseNeverReceived} around the C{CancelledError}): say so."""
         if silent or reason.check(CancelledError):
             return Failure(DownloadTimeout(
-                f"origin {task.url} did not answer within {self._idle_timeout:g} s"
+                f"origin {redact_url(task.url)} did not answer within {self._idle_timeout:g} s"
                 " (the supernode's --origin-timeout)"
             ))
         return reason
@@ -256,7 +257,7 @@ class Cdn:
             response.deliverBody(_Discard())
             raise OriginError(f"origin answered {response.code} {phrase}".strip(), response.code)
         if resume is not None:
-            self._log.info("origin has a new version of {url}; starting over", url=task.url)
+            self._log.info("origin has a new version of {url}; starting over", url=redact_url(task.url))
             assert task.fd is not None
             os.ftruncate(task.fd, 0)
         task.reset_pieces()
@@ -280,7 +281,7 @@ class Cdn:
         elif reason.check(IntegrityError, StorageError, DownloadTimeout):
             task.error = str(err)
         else:
-            task.error = f"cannot fetch {task.url}: {_describe(reason)}"
+            task.error = f"cannot fetch {redact_url(task.url)}: {_describe(reason)}"
         kinds = (IntegrityError, StorageError, DownloadTimeout)
         task.error_kind = type(err).__name__ if reason.check(*kinds) else "OriginError"
         self._log.warn("task {task_id} failed: {error}", task_id=task.task_id, error=task.error)
@@ -470,7 +471,7 @@ class Cdn:
         def failed(f: Failure) -> bool:
             if f.check(OriginError) and f.value.status in (404, 410):  # type: ignore[union-attr]
                 return False
-            self._log.warn("cannot revalidate {url}: {error}; serving the cached copy", url=task.url, error=f.getErrorMessage())
+            self._log.warn("cannot revalidate {url}: {error}; serving the cached copy", url=redact_url(task.url), error=f.getErrorMessage())
             return True
 
         d.addCallback(answered)
