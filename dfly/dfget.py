@@ -410,6 +410,13 @@ def _raise_kind(msg: dict[str, Any]) -> None:
     raise cls(reason)
 
 
+def _swarm_summary(stats: dict[str, Any]) -> dict[str, Any]:
+    """A peer's stats line for --json: its own time is the swarm part of the command's."""
+    out = {k: v for k, v in stats.items() if k != "seconds"}
+    out["swarm_seconds"] = stats.get("seconds")
+    return out
+
+
 async def connect_daemon(reactor: Any, home: str, out: Output, reporter: Reporter) -> _ApiClient:
     """Open the local API of the daemon whose home is C{home}; L{NoDaemon} if none answers
     there (no socket, or a stale one that refuses connections)."""
@@ -454,7 +461,7 @@ async def via_daemon(client: _ApiClient, opts: Options, out: Output) -> dict[str
         if not early.finish(str(msg["path"]), int(msg["length"]), msg.get("epoch")):
             copy_out(str(msg["path"]), out.tmp, int(msg["length"]))
         out.commit()
-        return {k: v for k, v in msg.items() if k not in ("op", "path", "epoch")}
+        return _swarm_summary({k: v for k, v in msg.items() if k not in ("op", "path", "epoch")})
     finally:
         early.close()
         wire.close()
@@ -499,7 +506,7 @@ async def in_process(reactor: Any, opts: Options, out: Output, reporter: Reporte
         # Same file system as the output: the verified data file becomes the output.
         os.replace(result.path, out.tmp)
         out.commit()
-        return stats_line(result)
+        return _swarm_summary(stats_line(result))
     finally:
         node.stop()
         await port.stopListening()
@@ -623,7 +630,7 @@ async def back_source(reactor: Any, opts: Options, out: Output, reporter: Report
     if opts["md5"] and md5 != opts["md5"]:
         raise IntegrityError(f"file md5 {md5} is not the expected {opts['md5']}")
     out.commit()
-    return {"length": sink.received, "md5": md5, "seconds": round(time.monotonic() - start, 3), "from_origin": sink.received}
+    return {"length": sink.received, "md5": md5, "origin_seconds": round(time.monotonic() - start, 3), "from_origin": sink.received}
 
 
 class _Discard(Protocol):
@@ -651,6 +658,7 @@ async def run(
 ) -> int:
     """Download as C{opts} says; the exit status.  When C{interrupts} fires (a signal), the
     download is cancelled, everything it started is cleaned up, and the status is 130."""
+    started = time.monotonic()
     reporter = Reporter(stderr, not opts["quiet"])
     try:
         out = Output(opts["output"])
@@ -669,7 +677,7 @@ async def run(
                 raise
             reporter.end()
             stderr.write(f"dfget: {e}; downloading straight from the origin\n")
-            return await back_source(reactor, opts, out, reporter)
+            return {**await back_source(reactor, opts, out, reporter), "fallback": describe(e)}
 
     d = ensureDeferred(attempt())
 
@@ -698,6 +706,7 @@ async def run(
         if timer is not None and timer.active():
             timer.cancel()
     reporter.end()
+    summary["seconds"] = round(time.monotonic() - started, 3)  # the whole command
     if opts["json"]:
         stdout.write(json.dumps({"output": out.path, **summary}) + "\n")
     elif stderr.isatty() and not opts["quiet"]:

@@ -547,3 +547,32 @@ def test_url_credentials_work_in_every_mode_and_never_reach_a_log(swarm: Swarm, 
     for name in ("supernode", "p1", "p2"):
         with open(os.path.join(swarm.root, f"{name}.log")) as f:
             assert "s3cr3t" not in f.read(), name
+
+
+def test_json_seconds_is_the_whole_command(swarm: Swarm, files: str) -> None:
+    """--json's 'seconds' is the whole command's time: after a fallback it includes the time
+    spent finding no supernode (the in-process peer's 5 s link timeout), and the summary says
+    why it fell back and how long the origin part took; through a daemon, the daemon's own
+    time is 'swarm_seconds'."""
+    src = make_file(files, "f.bin", 300_000)
+    swarm.start_origin(files)
+    swarm.start_supernode()
+    swarm.start_peer("p")
+    out = os.path.join(swarm.root, "f.out")
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [tool("dfget"), swarm.origin_url("f.bin"), "-o", out, "--json", "--supernode", f"127.0.0.1:{free_port()}"],
+        capture_output=True, text=True, timeout=60,
+    )
+    wall = time.monotonic() - t0
+    assert r.returncode == 0, r
+    summary = json.loads(r.stdout)
+    assert 4.5 <= summary["seconds"] <= wall, (summary, wall)
+    assert summary["origin_seconds"] < summary["seconds"] - 4
+    assert "cannot reach supernode" in summary["fallback"]
+    assert summary["from_origin"] == summary["length"] == len(open(src, "rb").read())
+    r = swarm.dfget(swarm.origin_url("f.bin"), out, peer="p")
+    assert r.returncode == 0, r
+    summary = json.loads(r.stdout)
+    assert 0 < summary["swarm_seconds"] <= summary["seconds"], summary
+    assert "fallback" not in summary and "origin_seconds" not in summary
