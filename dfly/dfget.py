@@ -760,11 +760,13 @@ def main(argv: list[str] | None = None) -> None:
             reactor.callLater(INTERRUPT_GRACE, stop_now)
 
         def install() -> None:
-            # After the reactor's own handlers (which would stop it with the download still
-            # running): a signal cancels the download, which then cleans up and exits 130.
+            # A signal cancels the download, which then cleans up and exits 130.
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 signal.signal(signum, lambda n, _frame: reactor.callFromThread(interrupted, n))
 
+        install()
+        # Again once the reactor runs: it installs handlers of its own (that would stop it
+        # with the download still running) for SIGINT and SIGTERM as it starts.
         reactor.callWhenRunning(install)
         codes.append(await run(reactor, opts, sys.stdout, sys.stderr, interrupts))
 
@@ -773,9 +775,9 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit:
         pass
     if not codes:
-        # The reactor stopped before dfget finished (a second signal, or a signal before the
-        # handlers above were installed).  The shutdown triggers removed the temporary files;
-        # exit without finalizing the unfinished coroutines, which would only print noise.
+        # The reactor stopped before dfget finished: a second signal, or a cancelled download
+        # that did not end within INTERRUPT_GRACE.  The shutdown triggers removed the temporary
+        # files; exit without finalizing the unfinished coroutines, which would only print noise.
         sys.stderr.write("dfget: interrupted\n")
         sys.stdout.flush()
         sys.stderr.flush()
