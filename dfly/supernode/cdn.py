@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -231,7 +231,7 @@ class Cdn:
     def _no_answer(self, reason: Failure, task: CdnTask, silent: list[bool]) -> Failure:
         """The request failed because our timer cancelled it (the Agent reports that as
         C{ResponseNeverReceived} around the C{CancelledError}): say so."""
-        if silent or reason.check(CancelledError):
+        if silent:
             return Failure(DownloadTimeout(
                 f"origin {redact_url(task.url)} did not answer within {self._idle_timeout:g} s"
                 " (the supernode's --origin-timeout)"
