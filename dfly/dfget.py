@@ -21,6 +21,7 @@ from typing import Any, NoReturn, TextIO
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.endpoints import UNIXClientEndpoint, serverFromString
+from twisted.internet.error import ConnectingCancelledError, ReactorNotRunning
 from twisted.internet.protocol import Protocol
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -34,13 +35,15 @@ from dfly.errors import (
     DflyError,
     DownloadTimeout,
     IntegrityError,
+    NoDaemon,
     NoSupernode,
     OriginError,
     ProtocolError,
     StorageError,
 )
 from dfly.ratelimit import InboundThrottle, make_bucket
-from dfly.urls import check_url, origin_headers, parse_header_lines
+from dfly.urls import check_url, origin_headers, parse_header_lines, url_credentials
+from dfly.wire.framing import MAX_CONTROL
 
 BACK_SOURCE_IDLE = 60.0
 _BODY_DONE = Failure(ResponseDone())
@@ -53,6 +56,10 @@ EXIT_INTEGRITY = 4
 EXIT_TIMEOUT = 5
 EXIT_OUTPUT = 6
 EXIT_NO_SUPERNODE = 7
+EXIT_INTERRUPTED = 130
+
+# Seconds an interrupted dfget waits for its cancelled download to clean up before it stops.
+INTERRUPT_GRACE = 5.0
 
 _KIND_EXIT = {
     "OriginError": EXIT_ORIGIN,
@@ -70,7 +77,8 @@ DESCRIPTION = (
 )
 EPILOG = (
     "exit status: 0 done and verified, 1 failed, 2 usage, 3 origin error, 4 integrity "
-    "error, 5 timeout, 6 cannot write the output, 7 no supernode (with --no-back-source)"
+    "error, 5 timeout, 6 cannot write the output, 7 no supernode or daemon (with --no-back-source), "
+    "130 interrupted"
 )
 
 
@@ -123,6 +131,8 @@ class Options(dict[str, Any]):
         if not self["url"]:
             raise usage.UsageError("a URL is required")
         try:
+            # user:password@ becomes an Authorization header, as with --header (the task's identity).
+            self["url"], self["header"] = url_credentials(self["url"], self["header"])
             check_url(self["url"])
             parse_header_lines(self["header"])
         except DflyError as e:
@@ -162,6 +172,27 @@ class Options(dict[str, Any]):
                 raise usage.UsageError("cannot name the output after the URL; give -o PATH")
             self["output"] = name
         self["filters"] = [k for k in self["filter"].split("&") if k]
+        # Neither --home nor --supernode: the daemon at the default home if one answers there,
+        # else the default supernode.  Rate limits apply to an in-process peer only.
+        automatic = not self["home"] and not self["supernode"] and not (self["upload-rate"] or self["download-rate"])
+        self["find-daemon"] = data_home("peer") if automatic else None
+        size = request_size(self)
+        if size > REQUEST_LIMIT:
+            # The same words as the peer's refusal, but before anything is sent.
+            raise usage.UsageError(f"request too large ({size} bytes of URL and headers, at most {REQUEST_LIMIT})")
+
+
+# The largest request a peer registers with its supernode (PeerNode.download refuses more):
+# it must fit a control frame with room to spare.
+REQUEST_LIMIT = MAX_CONTROL - 4096
+
+
+def request_size(opts: Options) -> int:
+    """Bytes of the registration a peer would send for this download (see L{REQUEST_LIMIT})."""
+    from dfly.peer.node import DownloadRequest, PeerNode
+
+    request = DownloadRequest(opts["url"], opts["header"], opts["filters"], opts["md5"], opts["identifier"])
+    return len(json.dumps(PeerNode._register_msg(request, 0, "", None)))
 
 
 class Reporter:
@@ -330,8 +361,9 @@ class EarlyCopy:
 class _ApiClient:
     """Client side of the peer daemon's local API."""
 
-    def __init__(self, wire: Any, reporter: Reporter, early: EarlyCopy | None = None) -> None:
+    def __init__(self, wire: Any, sock: str, reporter: Reporter, early: EarlyCopy) -> None:
         self.wire = wire
+        self.sock = sock
         self.reporter = reporter
         self.early = early
         self.result: Deferred[dict[str, Any]] = Deferred()
@@ -344,7 +376,7 @@ class _ApiClient:
         if op == "progress":
             self.reporter.progress(int(msg.get("received") or 0), msg.get("total"))
             path, ready = msg.get("path"), msg.get("ready")
-            if self.early is not None and isinstance(path, str) and isinstance(ready, int):
+            if isinstance(path, str) and isinstance(ready, int):
                 self.early.advance(path, ready, msg.get("epoch"))
         elif op in ("done", "failed") and not self.result.called:
             self.result.callback(msg)
@@ -360,7 +392,8 @@ class _ApiClient:
 
     def connection_lost(self, reason: Failure) -> None:
         if not self.result.called:
-            self.result.errback(DflyError(f"peer daemon closed the connection: {reason.getErrorMessage()}"))
+            # The daemon died or was stopped: as if it could not be reached (back to the origin).
+            self.result.errback(NoDaemon(f"lost the peer daemon at {self.sock} before the download finished"))
 
 
 def _raise_kind(msg: dict[str, Any]) -> None:
@@ -370,32 +403,47 @@ def _raise_kind(msg: dict[str, Any]) -> None:
         "NoSupernode": NoSupernode,
         "IntegrityError": IntegrityError,
         "StorageError": StorageError,
+        "DownloadTimeout": DownloadTimeout,
     }.get(str(kind), DflyError)
     if cls is OriginError:
         raise OriginError(reason, msg.get("status"))
     raise cls(reason)
 
 
-async def via_daemon(reactor: Any, opts: Options, out: Output, reporter: Reporter) -> dict[str, Any]:
+def _swarm_summary(stats: dict[str, Any]) -> dict[str, Any]:
+    """A peer's stats line for --json: its own time is the swarm part of the command's."""
+    out = {k: v for k, v in stats.items() if k != "seconds"}
+    out["swarm_seconds"] = stats.get("seconds")
+    return out
+
+
+async def connect_daemon(reactor: Any, home: str, out: Output, reporter: Reporter) -> _ApiClient:
+    """Open the local API of the daemon whose home is C{home}; L{NoDaemon} if none answers
+    there (no socket, or a stale one that refuses connections)."""
     from dfly.peer.tap import socket_path
     from dfly.wire.protocol import FramedFactory
 
-    sock = socket_path(os.path.abspath(opts["home"]))
+    sock = socket_path(os.path.abspath(home))
     if not os.path.exists(sock):
-        raise NoSupernode(f"no peer daemon listening at {sock}")
+        raise NoDaemon(f"no peer daemon listening at {sock}")
     holder: list[_ApiClient] = []
 
-    early = EarlyCopy(out.tmp)
-
     def make(wire: Any) -> _ApiClient:
-        holder.append(_ApiClient(wire, reporter, early))
+        holder.append(_ApiClient(wire, sock, reporter, EarlyCopy(out.tmp)))
         return holder[0]
 
     try:
-        wire = await UNIXClientEndpoint(reactor, sock, timeout=5).connect(FramedFactory(make))
+        await UNIXClientEndpoint(reactor, sock, timeout=5).connect(FramedFactory(make))
+    except (CancelledError, ConnectingCancelledError):
+        raise CancelledError() from None
     except Exception as e:
-        raise NoSupernode(f"cannot reach the peer daemon at {sock}: {e}") from None
-    client = holder[0]
+        raise NoDaemon(f"cannot reach the peer daemon at {sock}: {e}") from None
+    return holder[0]
+
+
+async def via_daemon(client: _ApiClient, opts: Options, out: Output) -> dict[str, Any]:
+    """Hand the download to the daemon C{client} is connected to and copy out its file."""
+    wire, early = client.wire, client.early
     try:
         wire.send_control(
             {
@@ -413,10 +461,26 @@ async def via_daemon(reactor: Any, opts: Options, out: Output, reporter: Reporte
         if not early.finish(str(msg["path"]), int(msg["length"]), msg.get("epoch")):
             copy_out(str(msg["path"]), out.tmp, int(msg["length"]))
         out.commit()
-        return {k: v for k, v in msg.items() if k not in ("op", "path", "epoch")}
+        return _swarm_summary({k: v for k, v in msg.items() if k not in ("op", "path", "epoch")})
     finally:
         early.close()
         wire.close()
+        client.result.addErrback(lambda _: None)  # a loss after we stopped waiting is no news
+
+
+async def through_swarm(reactor: Any, opts: Options, out: Output, reporter: Reporter) -> dict[str, Any]:
+    """The download by a daemon (--home, or one found at the default home) or by an
+    in-process peer; L{NoSupernode} (or L{NoDaemon}) when neither can do it."""
+    if opts["home"]:
+        return await via_daemon(await connect_daemon(reactor, opts["home"], out, reporter), opts, out)
+    if opts["find-daemon"]:
+        try:
+            client = await connect_daemon(reactor, opts["find-daemon"], out, reporter)
+        except NoDaemon:
+            pass  # none runs there: the supernode at its default address, through our own peer
+        else:
+            return await via_daemon(client, opts, out)
+    return await in_process(reactor, opts, out, reporter)
 
 
 async def in_process(reactor: Any, opts: Options, out: Output, reporter: Reporter) -> dict[str, Any]:
@@ -442,7 +506,7 @@ async def in_process(reactor: Any, opts: Options, out: Output, reporter: Reporte
         # Same file system as the output: the verified data file becomes the output.
         os.replace(result.path, out.tmp)
         out.commit()
-        return stats_line(result)
+        return _swarm_summary(stats_line(result))
     finally:
         node.stop()
         await port.stopListening()
@@ -459,7 +523,7 @@ class _FileSink(Protocol):
         self.f, self.total, self.reporter = f, total, reporter
         self.md5 = hashlib.md5()
         self.received = 0
-        self.done: Deferred[None] = Deferred()
+        self.done: Deferred[None] = Deferred(self._cancel)
         self.idle = idle
         self.clock = reactor
         self.timer = reactor.callLater(idle, self._stalled)
@@ -483,11 +547,20 @@ class _FileSink(Protocol):
             self.timer = self.clock.callLater(self.idle, self._stalled)
 
     def _stalled(self) -> None:
-        self.error = OriginError(f"origin sent nothing for {self.idle:g} s")
+        self.error = DownloadTimeout(f"origin sent nothing for {self.idle:g} s")
         transport: Any = self.transport
         transport.stopProducing()
 
+    def _cancel(self, _: Deferred[None]) -> None:
+        # The caller gave up (a signal, --timeout): stop reading; the file is closed next.
+        self.error = CancelledError()
+        transport: Any = self.transport
+        if transport is not None:
+            transport.stopProducing()
+
     def dataReceived(self, data: bytes) -> None:
+        if self.error is not None:
+            return
         if self.timer.active():
             self.timer.reset(self.idle)
         try:
@@ -508,6 +581,8 @@ class _FileSink(Protocol):
             self.throttle.close()
         if self.timer.active():
             self.timer.cancel()
+        if self.done.called:  # cancelled
+            return
         if self.error is not None:
             self.done.errback(self.error)
         elif reason.check(ResponseDone) or (reason.check(PotentialDataLoss) and self.total is None):
@@ -522,12 +597,25 @@ async def back_source(reactor: Any, opts: Options, out: Output, reporter: Report
 
     start = time.monotonic()
     client = OriginClient(reactor, persistent=False, ca_file=opts["ca-file"])
+    d = client.request("GET", opts["url"], headers=origin_headers(opts["header"]))
+    silent: list[bool] = []
+
+    def give_up() -> None:
+        silent.append(True)
+        d.cancel()
+
+    timer = reactor.callLater(BACK_SOURCE_IDLE, give_up)
     try:
-        response = await client.request("GET", opts["url"], headers=origin_headers(opts["header"]))
-    except CancelledError:
-        raise
+        response = await d
     except Exception as e:
+        if silent:
+            raise DownloadTimeout(f"origin sent nothing for {BACK_SOURCE_IDLE:g} s") from None
+        if _was_cancelled(e):  # by our caller (a signal, --timeout), not an origin error
+            raise CancelledError() from None
         raise OriginError(f"cannot fetch {opts['url']}: {describe_failure(e)}") from None
+    finally:
+        if timer.active():
+            timer.cancel()
     total = None if response.length is UNKNOWN_LENGTH else response.length
     if response.code != 200:
         response.deliverBody(_Discard())
@@ -542,12 +630,19 @@ async def back_source(reactor: Any, opts: Options, out: Output, reporter: Report
     if opts["md5"] and md5 != opts["md5"]:
         raise IntegrityError(f"file md5 {md5} is not the expected {opts['md5']}")
     out.commit()
-    return {"length": sink.received, "md5": md5, "seconds": round(time.monotonic() - start, 3), "from_origin": sink.received}
+    return {"length": sink.received, "md5": md5, "origin_seconds": round(time.monotonic() - start, 3), "from_origin": sink.received}
 
 
 class _Discard(Protocol):
     def dataReceived(self, data: bytes) -> None:
         pass
+
+
+def _was_cancelled(error: BaseException) -> bool:
+    """Whether a failed request was cancelled (the Agent wraps the CancelledError)."""
+    if isinstance(error, (CancelledError, ConnectingCancelledError)):
+        return True
+    return any(r.check(CancelledError, ConnectingCancelledError) for r in getattr(error, "reasons", None) or ())
 
 
 def describe_failure(error: BaseException) -> str:
@@ -558,45 +653,60 @@ def describe_failure(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-async def run(reactor: Any, opts: Options, stdout: TextIO, stderr: TextIO) -> int:
+async def run(
+    reactor: Any, opts: Options, stdout: TextIO, stderr: TextIO, interrupts: Deferred[int] | None = None
+) -> int:
+    """Download as C{opts} says; the exit status.  When C{interrupts} fires (a signal), the
+    download is cancelled, everything it started is cleaned up, and the status is 130."""
+    started = time.monotonic()
     reporter = Reporter(stderr, not opts["quiet"])
     try:
         out = Output(opts["output"])
     except OSError as e:
         stderr.write(f"dfget: cannot write {opts['output']}: {e}\n")
         return EXIT_OUTPUT
-    # A signal stops the reactor without finishing this coroutine: drop the temp file then.
+    # If the reactor is stopped before this coroutine finishes: drop the temp file then.
     reactor.addSystemEventTrigger("before", "shutdown", out.discard)
+    stopping: list[str] = []  # why the download is being cancelled: "interrupted", "timeout"
 
     async def attempt() -> dict[str, Any]:
         try:
-            if opts["home"]:
-                return await via_daemon(reactor, opts, out, reporter)
-            return await in_process(reactor, opts, out, reporter)
+            return await through_swarm(reactor, opts, out, reporter)
         except NoSupernode as e:
-            if opts["no-back-source"]:
+            if opts["no-back-source"] or stopping:
                 raise
             reporter.end()
             stderr.write(f"dfget: {e}; downloading straight from the origin\n")
-            return await back_source(reactor, opts, out, reporter)
+            return {**await back_source(reactor, opts, out, reporter), "fallback": describe(e)}
 
     d = ensureDeferred(attempt())
-    timer = None
-    if opts["timeout"]:
-        timer = reactor.callLater(opts["timeout"], d.cancel)
+
+    def stop(why: str) -> None:
+        if not stopping and not d.called:
+            stopping.append(why)
+            d.cancel()
+
+    timer = reactor.callLater(opts["timeout"], stop, "timeout") if opts["timeout"] else None
+    if interrupts is not None:
+        interrupts.addCallback(lambda _: stop("interrupted"))
     try:
         summary = await d
     except Exception as e:  # every failure becomes one line and an exit code
         out.discard()
         reporter.end()
-        if isinstance(e, CancelledError) and timer is not None and not timer.active():
-            e = DownloadTimeout(f"timed out after {opts['timeout']:g} s")
-        stderr.write(f"dfget: {describe(e)}\n")
-        return exit_code(e)
+        if stopping == ["interrupted"]:
+            stderr.write("dfget: interrupted\n")
+            return EXIT_INTERRUPTED
+        error: Exception = e
+        if stopping == ["timeout"]:
+            error = DownloadTimeout(f"timed out after {opts['timeout']:g} s")
+        stderr.write(f"dfget: {describe(error)}\n")
+        return exit_code(error)
     finally:
         if timer is not None and timer.active():
             timer.cancel()
     reporter.end()
+    summary["seconds"] = round(time.monotonic() - started, 3)  # the whole command
     if opts["json"]:
         stdout.write(json.dumps({"output": out.path, **summary}) + "\n")
     elif stderr.isatty() and not opts["quiet"]:
@@ -612,7 +722,10 @@ def describe(error: BaseException) -> str:
 def exit_code(error: BaseException) -> int:
     if isinstance(error, OSError):
         return EXIT_OUTPUT
-    return _KIND_EXIT.get(type(error).__name__, EXIT_FAILED)
+    for cls in type(error).__mro__:  # NoDaemon is a NoSupernode
+        if cls.__name__ in _KIND_EXIT:
+            return _KIND_EXIT[cls.__name__]
+    return EXIT_FAILED
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -625,29 +738,50 @@ def main(argv: list[str] | None = None) -> None:
     if opts["version"]:
         print(f"dfget {__version__}")
         raise SystemExit(0)
-    if not opts["home"] and not opts["supernode"] and not (opts["upload-rate"] or opts["download-rate"]):
-        default_home = data_home("peer")
-        if os.path.exists(os.path.join(default_home, "dfly.sock")):
-            opts["home"] = default_home
-    from twisted.internet import reactor as _reactor
     from twisted.internet import task
 
-    # SIGHUP (a closed terminal) stops cleanly too, so no temporary file is left behind.
-    r: Any = _reactor
-    signal.signal(signal.SIGHUP, lambda *_: r.callFromThread(r.stop))
     codes: list[int] = []
 
     async def go(reactor: Any) -> None:
-        codes.append(await run(reactor, opts, sys.stdout, sys.stderr))
+        interrupts: Deferred[int] = Deferred()
+
+        def stop_now() -> None:
+            try:
+                reactor.stop()  # the shutdown triggers still drop the temporary files
+            except ReactorNotRunning:
+                pass
+
+        def interrupted(signum: int) -> None:
+            if interrupts.called:
+                stop_now()  # a second signal
+                return
+            interrupts.callback(signum)
+            # The cancelled download cleans up at once; should it not, stop anyway.
+            reactor.callLater(INTERRUPT_GRACE, stop_now)
+
+        def install() -> None:
+            # A signal cancels the download, which then cleans up and exits 130.
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(signum, lambda n, _frame: reactor.callFromThread(interrupted, n))
+
+        install()
+        # Again once the reactor runs: it installs handlers of its own (that would stop it
+        # with the download still running) for SIGINT and SIGTERM as it starts.
+        reactor.callWhenRunning(install)
+        codes.append(await run(reactor, opts, sys.stdout, sys.stderr, interrupts))
 
     try:
         task.react(lambda reactor: ensureDeferred(go(reactor)))
     except SystemExit:
         pass
     if not codes:
-        # The reactor stopped before dfget finished: a signal (Ctrl-C, SIGTERM).
+        # The reactor stopped before dfget finished: a second signal, or a cancelled download
+        # that did not end within INTERRUPT_GRACE.  The shutdown triggers removed the temporary
+        # files; exit without finalizing the unfinished coroutines, which would only print noise.
         sys.stderr.write("dfget: interrupted\n")
-        raise SystemExit(130)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
     raise SystemExit(codes[0])
 
 

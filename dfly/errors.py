@@ -61,6 +61,11 @@ class NoSupernode(DflyError):
     """No configured supernode could be reached."""
 
 
+class NoDaemon(NoSupernode):
+    """No peer daemon answers at the local API socket dfget was to hand the download to,
+    or the daemon went away before it reported a result."""
+
+
 class DownloadTimeout(DflyError):
     """A download did not finish within the time it was given."""
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from dfly.errors import DflyError
 
@@ -29,16 +30,57 @@ HOP_HEADERS = frozenset(
 
 
 def check_url(url: str) -> str:
-    """Return C{url} if it is an absolute http(s) URL, else raise L{DflyError}."""
+    """Return C{url} if it is an absolute http(s) URL without credentials, else raise
+    L{DflyError} (whose message never holds the credentials)."""
     try:
         url.encode("utf-8")
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except (UnicodeError, ValueError):
-        raise DflyError(f"not a valid URL: {url!r}") from None
+        raise DflyError(f"not a valid URL: {redact_url(url)!r}") from None
     if parts.scheme not in ("http", "https") or not parts.netloc or any(c in url for c in " \t\r\n"):
-        raise DflyError(f"not an http(s) URL: {url!r}")
+        raise DflyError(f"not an http(s) URL: {redact_url(url)!r}")
+    if "@" in parts.netloc:
+        # Clients turn user:password into a header (url_credentials); none travels in a URL.
+        raise DflyError(f"credentials in the URL {redact_url(url)!r}: send them as an Authorization header")
     return url
+
+
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+
+
+def redact_url(url: str) -> str:
+    """C{url} with any C{user:password@} replaced by C{***@}: for logs and messages."""
+    return _USERINFO.sub(r"\1***@", url, count=1)
+
+
+def url_credentials(url: str, lines: list[str]) -> tuple[str, list[str]]:
+    """Move the C{user:password@} of an http(s) URL into an C{Authorization: Basic} header.
+
+    Returns the URL without them and the header lines with that header added, so the
+    credentials are part of the task's identity exactly as C{--header 'Authorization: ...'}
+    is (L{credential_key}).  The user and password are percent-decoded and sent as UTF-8
+    (RFC 7617).  Raises L{DflyError} if C{lines} already has an C{Authorization} header.  A URL
+    without credentials, or one that is not valid, is returned unchanged (L{check_url} judges it).
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url, lines
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return url, lines
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    bare = urlunsplit(parts._replace(netloc=hostport))
+    if not userinfo:
+        return bare, lines
+    if any(name.lower() == "authorization" for name, _ in parse_header_lines(lines)):
+        raise DflyError("credentials given twice: in the URL and in an Authorization header")
+    user, _, password = userinfo.partition(":")
+    try:
+        pair = f"{unquote(user, errors='strict')}:{unquote(password, errors='strict')}".encode()
+    except UnicodeError:
+        raise DflyError(f"credentials in the URL {redact_url(url)!r} are not UTF-8") from None
+    return bare, [*lines, "Authorization: Basic " + base64.b64encode(pair).decode("ascii")]
 
 
 def filter_url(url: str, keys: list[str] | tuple[str, ...]) -> str:

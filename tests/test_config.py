@@ -459,3 +459,26 @@ def test_peer_proxy_options_documented() -> None:
                  "--fallback-after", "--upstream-timeout"):
         assert name in text
     assert "allow" in text and "Regex" in text
+
+
+def test_dfget_request_size_limit_matches_the_peer(tmp_path: Any) -> None:
+    """dfget refuses, as a usage error naming the size, exactly the requests its peer would
+    refuse as too large for a control frame, and accepts one byte less."""
+    from dfly.peer.node import DownloadRequest, PeerNode
+
+    def argv(n: int) -> list[str]:
+        return ["http://h/f", "-H", "X-A: " + "a" * n]
+
+    base = dfget.request_size(parse(dfget.Options, argv(0)))
+    fits = dfget.REQUEST_LIMIT - base
+    opts = parse(dfget.Options, argv(fits))
+    assert dfget.request_size(opts) == dfget.REQUEST_LIMIT
+    with pytest.raises(usage.UsageError, match=r"request too large \(61441 bytes of URL and headers"):
+        parse(dfget.Options, argv(fits + 1))
+    node = PeerNode(MemoryReactorClock(), str(tmp_path / "peer"), [("127.0.0.1", 1)])
+    errors: list[str] = []
+    for n in (fits, fits + 1):
+        d = node.download(DownloadRequest("http://h/f", ["X-A: " + "a" * n]))
+        d.addErrback(lambda f: errors.append(f.getErrorMessage()))
+    assert errors == ["request too large (61441 bytes of URL and headers)"]
+    node.stop()

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from memhelpers import (
     FakeHttp,
+    FakeRequest,
     FakeResponse,
     FrameCollector,
     StubWire,
@@ -26,10 +27,11 @@ from memhelpers import (
     md5,
     pieces_of,
 )
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
+from twisted.web.client import ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH
 
@@ -391,6 +393,37 @@ def test_origin_timeout_cancels_request(env: Env) -> None:
     env.clock.advance(2)
     (failed,) = w1.ops("task_failed")
     assert "did not answer within 60 s" in failed["reason"]
+
+
+def test_origin_timeout_through_an_agent_is_a_timeout(tmp_path: Any) -> None:
+    """Cancelled by the origin timeout, Twisted's Agent fails the request with
+    ResponseNeverReceived wrapping the CancelledError: the peers are still told that the
+    origin did not answer within the timeout, naming --origin-timeout, as a DownloadTimeout
+    (dfget's exit 5), never as a bare 'CancelledError' origin error."""
+
+    class AgentLikeHttp(FakeHttp):
+        def request(self, method: str, url: str, headers: Any = None, **kwargs: Any) -> Deferred[Any]:
+            def cancel(d: Deferred[Any]) -> None:
+                d.errback(Failure(ResponseNeverReceived([Failure(CancelledError())])))
+
+            req = FakeRequest(method, url, headers, kwargs, Deferred(cancel))
+            self.requests.append(req)
+            return req.deferred
+
+    clock = MemoryReactorClock()
+    node = Supernode(clock, AgentLikeHttp(), str(tmp_path / "home"), piece_size=P, origin_idle_timeout=60.0)
+    try:
+        s1, w1 = connect(node, "p1")
+        register(s1)
+        clock.advance(59)
+        assert w1.ops("task_failed") == []
+        clock.advance(2)
+        (failed,) = w1.ops("task_failed")
+        assert failed["kind"] == "DownloadTimeout", failed
+        assert "did not answer within 60 s" in failed["reason"] and "--origin-timeout" in failed["reason"]
+        assert "CancelledError" not in failed["reason"]
+    finally:
+        _close_tasks(node)
 
 
 # -- peers coming and going ---------------------------------------------------------------

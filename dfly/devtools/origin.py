@@ -23,6 +23,7 @@ name, the requests that carried an C{Authorization} header (C{"auth"}).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -205,10 +206,14 @@ class Origin(Resource):
         registry_like: bool = False,
         redirect_to: str | None = None,
         total_rate: float | None = None,
+        basic_auth: str | None = None,
     ) -> None:
         super().__init__()
         self.shared = Pace(total_rate, clock.seconds()) if total_rate else None
-        self.auth = auth
+        # The Authorization value every file request must carry ("Bearer AUTH"), if any.
+        self.auth = f"Bearer {auth}".encode() if auth else None
+        if basic_auth:
+            self.auth = b"Basic " + base64.b64encode(basic_auth.encode())
         self.registry_like = registry_like
         self.redirect_to = redirect_to.rstrip("/") if redirect_to else None
         self.directory = os.path.abspath(directory)
@@ -252,8 +257,9 @@ class Origin(Resource):
                 return self._status(request, name, 404, b'{"errors":[{"code":"BLOB_UNKNOWN"}]}\n')
             return self._status(request, name, 404, b"not found\n")
         self._seen(request, name)
-        if self.auth and request.getHeader(b"authorization") != f"Bearer {self.auth}".encode():
-            request.setHeader(b"www-authenticate", b'Bearer realm="origin"')
+        if self.auth and request.getHeader(b"authorization") != self.auth:
+            scheme = self.auth.split(b" ", 1)[0]
+            request.setHeader(b"www-authenticate", scheme + b' realm="origin"')
             return self._status(request, name, 401, b"unauthorized\n")
         if blob is not None:
             request.setHeader(b"docker-content-digest", name.encode())
@@ -321,6 +327,7 @@ class Options(usage.Options):
         ["rate", None, None, "Pace every response to this many bytes/s (K, M, G suffixes)."],
         ["total-rate", None, None, "Pace all responses together to this many bytes/s (K, M, G suffixes)."],
         ["auth", None, None, "Answer 401 unless the request has 'Authorization: Bearer AUTH'."],
+        ["basic-auth", None, None, "Answer 401 unless the request has HTTP Basic credentials USER:PASSWORD."],
         ["redirect-to", None, None, "Base URL /redirect/NAME (and registry-like blobs) redirect to."],
     ]
     optFlags = [["registry-like", None, "Serve /v2/<name>/blobs/sha256:<hex> from the file sha256:<hex>."]]
@@ -345,7 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     rate = parse_rate(opts["rate"]) if opts["rate"] else None
     total = parse_rate(opts["total-rate"]) if opts["total-rate"] else None
     origin = Origin(
-        opts["dir"], rate, reactor, opts["auth"], opts["registry-like"], opts["redirect-to"], total_rate=total
+        opts["dir"], rate, reactor, opts["auth"], opts["registry-like"], opts["redirect-to"], total_rate=total,
+        basic_auth=opts["basic-auth"],
     )
     d = serverFromString(reactor, opts["port"]).listen(Site(origin))
     d.addCallback(listening)

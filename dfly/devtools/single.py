@@ -137,7 +137,7 @@ def one_round(
                 raise SystemExit(f"{label} dfget md5 {summary.get('md5')} is not {want}")
             os.unlink(out)
             result[f"{label}_s"] = seconds
-            result[f"{label}_daemon_s"] = summary.get("seconds")
+            result[f"{label}_daemon_s"] = summary.get("swarm_seconds")
             result[f"{label}_from_peers"] = summary.get("from_peers")
             result[f"{label}_from_supernode"] = summary.get("from_supernode")
         result["peer_vmhwm_kib"] = max(proc_kib(p.popen.pid, "VmHWM") for p in peers)

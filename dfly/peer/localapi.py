@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 
 from dfly.errors import BadControlMessage, DflyError, OriginError, ProtocolError
 from dfly.peer.node import DownloadRequest, DownloadResult, PeerNode, stats_line
+from dfly.urls import url_credentials
 from dfly.wire.messages import get_md5, get_opt_str, get_str, get_str_list
 from dfly.wire.protocol import FramedProtocol
 
@@ -44,9 +45,16 @@ class LocalApiSession:
         if msg["op"] != "download" or self.pending is not None or self.leased is not None:
             raise BadControlMessage(f"unexpected op {msg['op']!r}")
         md5 = get_md5(msg, "md5") if msg.get("md5") else None
+        url, headers = get_str(msg, "url"), get_str_list(msg, "headers", 64)
+        try:
+            # As dfget does: user:password@ in the URL becomes an Authorization header.
+            url, headers = url_credentials(url, headers)
+        except (DflyError, UnicodeError, ValueError) as e:
+            self._failed(Failure(DflyError(str(e))))
+            return
         request = DownloadRequest(
-            url=get_str(msg, "url"),
-            headers=get_str_list(msg, "headers", 64),
+            url=url,
+            headers=headers,
             filters=get_str_list(msg, "filter", 64),
             md5=md5,
             identifier=get_opt_str(msg, "identifier", 512),

@@ -64,6 +64,7 @@ from twisted.python.failure import Failure
 from dfly.errors import (
     BadControlMessage,
     DflyError,
+    DownloadTimeout,
     IntegrityError,
     NoSupernode,
     OriginError,
@@ -960,6 +961,8 @@ def task_error(msg: dict[str, Any]) -> DflyError:
         return IntegrityError(reason)
     if kind == "StorageError":
         return TaskFailed(f"supernode: {reason}")
+    if kind == "DownloadTimeout":
+        return DownloadTimeout(reason)
     return OriginError(reason, get_opt_int(msg, "status", 0, 999))
 
 

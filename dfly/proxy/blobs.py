@@ -52,6 +52,7 @@ from dfly.peer.node import DownloadRequest
 from dfly.peer.stream import BlobStream
 from dfly.proxy.direct import Relay, abort_client, forward, send_error, upstream_headers
 from dfly.proxy.routes import RangeNotSatisfiable, parse_range
+from dfly.urls import redact_url
 
 # Request headers handed to the supernode's fetch from the origin (and part of the identity
 # of non-digest tasks): the client's credentials, nothing that shapes one request.
@@ -302,7 +303,7 @@ class SwarmGet:
         if self.request.startedWriting:
             self._log.warn(
                 "swarm failed mid-response for {url}: {error}; aborting the client's connection",
-                url=self.url, error=f.getErrorMessage(),
+                url=redact_url(self.url), error=f.getErrorMessage(),
             )
             abort_client(self.request)
             self._end("p2p", detail=f"aborted: {f.getErrorMessage()}")
@@ -314,7 +315,7 @@ class SwarmGet:
         """Fetch the rest of the blob from the registry, from byte C{position} on."""
         self._log.info(
             "swarm failed at byte {position} of {url} ({why}); continuing from the registry",
-            position=position, url=self.url, why=why,
+            position=position, url=redact_url(self.url), why=why,
         )
         self.outcome.route = "fallback"
         headers = upstream_headers(self.request, drop=frozenset({b"range", b"if-range"}))
@@ -353,7 +354,7 @@ class SwarmGet:
     def _direct(self, route: str, why: str) -> None:
         if self.done.called or self.request.startedWriting or self.request.finished:
             return
-        self._log.info("{route} for {url}: {why}", route=route, url=self.url, why=why)
+        self._log.info("{route} for {url}: {why}", route=route, url=redact_url(self.url), why=why)
         self.outcome.route = route
         self.outcome.detail = why
         verify = self.digest if self.request.getHeader(b"range") is None else None

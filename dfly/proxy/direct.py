@@ -42,6 +42,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from twisted.web.server import Request
 
 from dfly.tls import describe_tls_failure
+from dfly.urls import redact_url
 
 # Headers of one connection (RFC 9110 7.6.1), plus proxy credentials, never passed on.
 HOP_BY_HOP = frozenset(
@@ -254,7 +255,7 @@ def forward(
     chained: Deferred[Any] = d.addCallbacks(got, failed)
 
     def unexpected(f: Failure) -> str:
-        Relay._log.failure("proxying {url} failed", f, url=url)
+        Relay._log.failure("proxying {url} failed", f, url=redact_url(url))
         abort_client(request)
         return "error"
 

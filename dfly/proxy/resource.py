@@ -36,6 +36,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from dfly.proxy.blobs import Outcome, SwarmGet
 from dfly.proxy.direct import forward, send_error
 from dfly.proxy.routes import DEFAULT_FILTER_PARAMS, P2PRules, RouteError, blob_digest, classify
+from dfly.urls import redact_url
 
 
 def cooperator_for(reactor: Any) -> Cooperator:
@@ -113,7 +114,7 @@ class ProxyResource(Resource):
         self._log.info(
             "proxy {method} {upstream} route={route} status={status} bytes={bytes} in {seconds:.3f} s {detail}",
             method=request.method.decode("latin-1"),
-            upstream=upstream,
+            upstream=redact_url(upstream),
             route=outcome.route,
             status=outcome.status or request.code,
             bytes=request.sentLength,

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -53,9 +53,10 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from dfly.errors import IntegrityError, OriginError, StorageError
+from dfly.errors import DownloadTimeout, IntegrityError, OriginError, StorageError
 from dfly.pieces import OVERHEAD, TAIL, SliceHeader, default_piece_size, pwrite_all
 from dfly.ratelimit import InboundThrottle, TokenBucket
+from dfly.urls import redact_url
 from dfly.wire.protocol import GrowingRange
 
 _RESPONSE_DONE = Failure(ResponseDone())
@@ -225,14 +226,21 @@ class Cdn:
                 headers[b"If-Range"] = [validator.encode("latin-1")]
             self._log.info(
                 "resuming {url} for task {task_id} at piece {piece}",
-                url=task.url, task_id=task.task_id, piece=resume.pieces,
+                url=redact_url(task.url), task_id=task.task_id, piece=resume.pieces,
             )
         else:
             resume = None
-            self._log.info("fetching {url} for task {task_id}", url=task.url, task_id=task.task_id)
+            self._log.info("fetching {url} for task {task_id}", url=redact_url(task.url), task_id=task.task_id)
         d = maybeDeferred(self._http.request, "GET", task.url, headers=headers, unbuffered=True)
-        timer = self._reactor.callLater(self._idle_timeout, d.cancel)
+        silent: list[bool] = []
+
+        def give_up() -> None:
+            silent.append(True)
+            d.cancel()
+
+        timer = self._reactor.callLater(self._idle_timeout, give_up)
         d.addBoth(self._cancel_timer, timer)
+        d.addErrback(self._no_answer, task, silent)
         d.addCallback(self._got_response, task, resume)
         d.addErrback(self._failed, task)
 
@@ -241,6 +249,16 @@ class Cdn:
         if timer.active():
             timer.cancel()
         return result
+
+    def _no_answer(self, reason: Failure, task: CdnTask, silent: list[bool]) -> Failure:
+        """The request failed because our timer cancelled it (the Agent reports that as
+        C{ResponseNeverReceived} around the C{CancelledError}): say so."""
+        if silent:
+            return Failure(DownloadTimeout(
+                f"origin {redact_url(task.url)} did not answer within {self._idle_timeout:g} s"
+                " (the supernode's --origin-timeout)"
+            ))
+        return reason
 
     def _got_response(self, response: Any, task: CdnTask, resume: _Resume | None) -> Any:
         if resume is not None and response.code == 206:
@@ -261,7 +279,7 @@ class Cdn:
             response.deliverBody(_Discard())
             raise OriginError(f"origin answered {response.code} {phrase}".strip(), response.code)
         if resume is not None:
-            self._log.info("origin has a new version of {url}; starting over", url=task.url)
+            self._log.info("origin has a new version of {url}; starting over", url=redact_url(task.url))
             assert task.fd is not None
             os.ftruncate(task.fd, 0)
         task.reset_pieces()
@@ -282,13 +300,12 @@ class Cdn:
         err: Any = reason.value
         if reason.check(OriginError):
             task.error, task.status = str(err), err.status
-        elif reason.check(IntegrityError, StorageError):
+        elif reason.check(IntegrityError, StorageError, DownloadTimeout):
             task.error = str(err)
-        elif reason.check(CancelledError):
-            task.error = f"origin {task.url} did not answer within {self._idle_timeout:g} s"
         else:
-            task.error = f"cannot fetch {task.url}: {_describe(reason)}"
-        task.error_kind = type(err).__name__ if reason.check(IntegrityError, StorageError) else "OriginError"
+            task.error = f"cannot fetch {redact_url(task.url)}: {_describe(reason)}"
+        kinds = (IntegrityError, StorageError, DownloadTimeout)
+        task.error_kind = type(err).__name__ if reason.check(*kinds) else "OriginError"
         self._log.warn("task {task_id} failed: {error}", task_id=task.task_id, error=task.error)
         task.state = "failed"
         self.discard(task)
@@ -481,7 +498,7 @@ class Cdn:
         def failed(f: Failure) -> bool:
             if f.check(OriginError) and f.value.status in (404, 410):  # type: ignore[union-attr]
                 return False
-            self._log.warn("cannot revalidate {url}: {error}; serving the cached copy", url=task.url, error=f.getErrorMessage())
+            self._log.warn("cannot revalidate {url}: {error}; serving the cached copy", url=redact_url(task.url), error=f.getErrorMessage())
             return True
 
         d.addCallback(answered)
@@ -593,7 +610,7 @@ class Slicer(Protocol):
 
     def _stalled(self) -> None:
         self._timer = None
-        self._abort(OriginError(f"origin sent nothing for {self._idle_timeout:g} s"))
+        self._abort(DownloadTimeout(f"origin sent nothing for {self._idle_timeout:g} s (the supernode's --origin-timeout)"))
 
     def _abort(self, error: Exception) -> None:
         """Stop reading the origin; connectionLost then fails the task with C{error}."""
