@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
-from twisted.python import usage
+
+def usage_error(message: str) -> Any:
+    """A C{twisted.python.usage.UsageError} (imported only when one is raised, so that a
+    command that needs no reactor, such as dfget handing a download to a daemon, never
+    loads Twisted)."""
+    from twisted.python import usage
+
+    return usage.UsageError(message)
+
 
 DEFAULT_SUPERNODE_PORT = 8002
 DEFAULT_API_PORT = 8001
 DEFAULT_PEER_PORT = 15001
+
+
+def socket_path(home: str) -> str:
+    """Where a peer daemon's local API listens, for a daemon whose home is C{home}."""
+    return os.path.join(home, "dfly.sock")
 
 
 def data_home(role: str) -> str:
@@ -25,11 +39,11 @@ def parse_hostport(text: str, default_port: int = DEFAULT_SUPERNODE_PORT) -> tup
     """Parse C{HOST[:PORT]}; raises C{usage.UsageError} with a clear message."""
     m = _HOSTPORT.match(text.strip())
     if not m:
-        raise usage.UsageError(f"expected HOST:PORT, got {text!r}")
+        raise usage_error(f"expected HOST:PORT, got {text!r}")
     host = m.group(1).strip("[]")
     port = int(m.group(2)) if m.group(2) else default_port
     if not 0 < port < 65536:
-        raise usage.UsageError(f"port out of range in {text!r}")
+        raise usage_error(f"port out of range in {text!r}")
     return host, port
 
 
@@ -38,9 +52,9 @@ def positive(kind: type, name: str, text: str) -> float:
     try:
         value = kind(text)
     except ValueError:
-        raise usage.UsageError(f"--{name} must be a number, not {text!r}") from None
+        raise usage_error(f"--{name} must be a number, not {text!r}") from None
     if not value > 0 or value == float("inf"):
-        raise usage.UsageError(f"--{name} must be a positive, finite number")
+        raise usage_error(f"--{name} must be a positive, finite number")
     return float(value)
 
 
@@ -63,9 +77,9 @@ def parse_size(text: str, name: str = "size") -> int:
     try:
         value = float(t[:-1]) * scale[t[-1]] if t and t[-1] in scale else float(t)
     except ValueError:
-        raise usage.UsageError(f"--{name}: expected a size like 512M or 10G, not {text!r}") from None
+        raise usage_error(f"--{name}: expected a size like 512M or 10G, not {text!r}") from None
     if value < 0:
-        raise usage.UsageError(f"--{name} must not be negative")
+        raise usage_error(f"--{name} must not be negative")
     return int(value)
 
 

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +16,8 @@ import pytest
 from filegen import make_file
 
 from dfly.devtools.swarm import Swarm, SwarmError, tool
+from dfly.devtools.swarm import sha256_file as sha256
+from dfly.pieces import MIB
 
 pytestmark = pytest.mark.loopback
 
@@ -581,3 +584,40 @@ def test_json_seconds_is_the_whole_command(swarm: Swarm, files: str) -> None:
     summary = json.loads(r.stdout)
     assert 0 < summary["swarm_seconds"] <= summary["seconds"], summary
     assert "fallback" not in summary and "origin_seconds" not in summary
+
+
+def test_handing_over_to_a_daemon_needs_no_reactor(swarm: Swarm, files: str) -> None:
+    """dfget with a running daemon does the whole job (download, verified copy, --json)
+    without importing Twisted: its start-up stays a few tens of milliseconds.  With no
+    daemon it takes the reactor's path (here: straight from the origin) as before."""
+    src = make_file(files, "f.bin", 3 * MIB + 7)
+    swarm.start_origin(files)
+    swarm.start_supernode()
+    swarm.start_peer("p")
+    home = swarm.peers["p"].info["home"]
+    probe = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: sys.stderr.write('TWISTED=%s\\n' % any(m == 'twisted' or m.startswith('twisted.') for m in sys.modules)))\n"
+        "from dfly.dfget_cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    out = os.path.join(swarm.root, "out.bin")
+    r = subprocess.run(
+        [sys.executable, "-c", probe, swarm.origin_url("f.bin"), "-o", out, "--home", home, "--json"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "TWISTED=False" in r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["length"] == 3 * MIB + 7
+    assert sha256(out) == sha256(src)
+    # No daemon at that home: the reactor's path, which falls back to the origin.
+    out2 = os.path.join(swarm.root, "out2.bin")
+    nowhere = os.path.join(swarm.root, "no-daemon-here")
+    os.makedirs(nowhere)
+    r = subprocess.run(
+        [sys.executable, "-c", probe, swarm.origin_url("f.bin"), "-o", out2, "--home", nowhere],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "TWISTED=True" in r.stderr and "straight from the origin" in r.stderr
+    assert sha256(out2) == sha256(src)

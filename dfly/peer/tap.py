@@ -16,6 +16,7 @@ from dfly.config import (
     parse_hostport,
     parse_size,
     positive,
+    socket_path,
     write_ready_file,
 )
 from dfly.errors import DflyError
@@ -170,11 +171,6 @@ def make_upstream_agent(reactor: Any, context_factory: Any) -> Any:
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 8
     return Agent(reactor, contextFactory=context_factory, pool=pool, connectTimeout=30)
-
-
-def socket_path(home: str) -> str:
-    """Where the local API listens, for a daemon whose home is C{home}."""
-    return os.path.join(home, "dfly.sock")
 
 
 class PeerService(ListeningService):
