@@ -125,7 +125,7 @@ class Options(dict[str, Any]):
             raise usage_error("a URL is required")
         try:
             # user:password@ becomes an Authorization header, as with --header (the task's identity).
-            self["url"], self["header"] = url_credentials(self["url"], self["header"])
+            self["url"], self["header"] = url_credentials(self["url"].split("#", 1)[0], self["header"])
             check_url(self["url"])
             parse_header_lines(self["header"])
         except DflyError as e:
@@ -157,13 +157,15 @@ class Options(dict[str, Any]):
             raise usage_error(
                 "--upload-rate/--download-rate apply to an in-process peer; a daemon has its own (--home)"
             )
-        if not self["output"]:
+        output = self["output"]
+        if not output or output.endswith(os.sep) or os.path.isdir(output):
+            # No -o, or a directory: the file is named after the URL's last path segment.
             from urllib.parse import unquote, urlsplit
 
             name = unquote(urlsplit(self["url"]).path).rstrip("/").rsplit("/", 1)[-1]
             if not name or name in (".", ".."):
                 raise usage_error("cannot name the output after the URL; give -o PATH")
-            self["output"] = name
+            self["output"] = os.path.join(output, name) if output else name
         self["filters"] = [k for k in self["filter"].split("&") if k]
         # Neither --home nor --supernode: the daemon at the default home if one answers there,
         # else the default supernode.  Rate limits apply to an in-process peer only.

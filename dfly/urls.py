@@ -84,7 +84,10 @@ def url_credentials(url: str, lines: list[str]) -> tuple[str, list[str]]:
 
 
 def filter_url(url: str, keys: list[str] | tuple[str, ...]) -> str:
-    """C{url} without the query parameters whose names are in C{keys}."""
+    """C{url} without the query parameters whose names are in C{keys}, and without a
+    fragment (never sent to the origin, so it names the same file)."""
+    if "#" in url:
+        url = url.split("#", 1)[0]
     if not keys:
         return url
     parts = urlsplit(url)

@@ -482,3 +482,16 @@ def test_dfget_request_size_limit_matches_the_peer(tmp_path: Any) -> None:
         d.addErrback(lambda f: errors.append(f.getErrorMessage()))
     assert errors == ["request too large (61441 bytes of URL and headers)"]
     node.stop()
+
+
+def test_dfget_output_in_a_directory_is_named_after_the_url(tmp_path: Any) -> None:
+    """-o naming an existing directory (or ending in a slash) puts the file there, named
+    after the URL's last path segment, as with no -o in the current directory."""
+    d = tmp_path / "downloads"
+    d.mkdir()
+    opts = parse(dfget.Options, ["http://h/a/layer.tar?sig=1", "-o", str(d)])
+    assert opts["output"] == str(d / "layer.tar")
+    opts = parse(dfget.Options, ["http://h/a/layer.tar", "-o", str(tmp_path / "new") + os.sep])
+    assert opts["output"] == str(tmp_path / "new" / "layer.tar")
+    with pytest.raises(usage.UsageError):
+        parse(dfget.Options, ["http://h/", "-o", str(d)])

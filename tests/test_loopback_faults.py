@@ -216,3 +216,28 @@ def test_changed_content_is_revalidated(swarm: Swarm, files: str) -> None:
     r = swarm.dfget(url, out, peer="seed")
     assert r.returncode == 0, r.stderr
     assert digest(out) == digest(path)
+
+
+def test_unreachable_supernode_is_logged_once_not_per_retry(swarm: Swarm) -> None:
+    """A peer whose supernode refuses connections says so in its log at once, and does not
+    repeat the same line for every retry of its backoff."""
+    swarm.start_supernode()
+    sn = next(p for p in swarm.procs if p.name == "supernode")
+    sn.stop()
+    proc = swarm.start_peer("p")
+    log = os.path.join(swarm.root, "p.log")
+    address = swarm.supernode_address
+    deadline = time.monotonic() + 20
+    lines: list[str] = []
+    while time.monotonic() < deadline:
+        with open(log) as f:
+            lines = [line for line in f if f"cannot reach supernode {address}" in line]
+        if lines:
+            break
+        time.sleep(0.1)
+    assert lines, "the unreachable supernode was not logged"
+    time.sleep(3)  # several retries (backoff from 0.5 s)
+    with open(log) as f:
+        again = [line for line in f if f"cannot reach supernode {address}" in line]
+    assert len(again) == 1, again
+    assert proc.alive()

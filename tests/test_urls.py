@@ -135,3 +135,16 @@ def test_supernode_refuses_url_credentials_without_fetching(tmp_path: Any) -> No
     (refused,) = wire.ops("refused")
     assert "credentials" in refused["reason"] and "pw" not in refused["reason"]
     assert http.requests == [] and node.tasks == {}
+
+
+def test_a_fragment_names_the_same_file() -> None:
+    """A URL's fragment is never sent to the origin: with or without one (and with any
+    filtered keys) it is one task, and dfget drops it from the URL it asks for."""
+    from dfly.urls import filter_url
+
+    assert filter_url("http://h/f.bin#part", []) == "http://h/f.bin"
+    assert filter_url("http://h/f.bin?a=1&sig=2#x", ["sig"]) == "http://h/f.bin?a=1"
+    assert filter_url("http://h/f.bin?a=1", []) == "http://h/f.bin?a=1"
+    opts = dfget.Options()
+    opts.parseOptions(["http://h/f.bin#frag", "-o", "x"])
+    assert opts["url"] == "http://h/f.bin"

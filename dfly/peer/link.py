@@ -83,6 +83,7 @@ class SupernodeLink:
         self.session: LinkSession | None = None
         self.address: tuple[str, int] | None = None
         self.last_error: str | None = None
+        self._reported: set[str] = set()  # failures logged since the link was last up
 
     @property
     def connected(self) -> bool:
@@ -132,6 +133,7 @@ class SupernodeLink:
             self.address = (host, port)
             self._delay = self._initial
             self.last_error = None
+            self._reported.clear()
             self._log.info("connected to supernode {host}:{port}", host=host, port=port)
             self._pinger = self._reactor.callLater(self._keepalive, self._ping)
             self._on_up()
@@ -139,6 +141,9 @@ class SupernodeLink:
         def failed(f: Failure) -> None:
             self._attempt = None
             self.last_error = f"cannot reach supernode {host}:{port}: {f.getErrorMessage()}"
+            if self.last_error not in self._reported:  # once per address and reason, not per retry
+                self._reported.add(self.last_error)
+                self._log.warn("{error}; retrying with backoff", error=self.last_error)
             self._retry()
 
         d.addCallbacks(up, failed)
