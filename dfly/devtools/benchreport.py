@@ -318,7 +318,7 @@ def markdown_report(results: dict[str, Any], plots: list[str]) -> str:
         "  the start of the `dfget` process and the copy to its output: N Python clients starting at once on this machine's",
         "  few cores take seconds that N separate hosts would not.",
         "- **dfly, store and forward**: the same with the supernode's `--no-relay`: peers serve only pieces they hold",
-        "  whole (dfly before relays, and Dragonfly's and Kraken's way), side by side in the same run.",
+        "  whole and verified (as BitTorrent peers do), side by side in the same run.",
         "- **plain HTTP**: N `curl --limit-rate B` at once from the same origin. It needs N·S/B_origin, so it is stopped at",
         f"  {cfg['http_deadline_factor']:g}·T*; its `last` is then a lower bound (≥): the deadline plus the bytes the origin still",
         "  had to send divided by B_origin; `p50`/`p99` of unfinished clients are ≥ the deadline.",
