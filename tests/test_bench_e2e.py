@@ -37,8 +37,9 @@ def processes_mentioning(text: str) -> list[str]:
 @pytest.mark.loopback
 @pytest.mark.skipif(shutil.which("aria2c") is None or shutil.which("curl") is None, reason="needs aria2c and curl")
 def test_bench_runs_every_part_and_leaves_nothing_running(tmp_path: Any) -> None:
-    """scripts/bench's machinery at N=2, S=4 MiB, 8 MiB/s caps: all three swarms finish with verified
-    copies, dfly's origin sends the file once, the single-client and simulator parts report, the
+    """scripts/bench's machinery at N=2, S=4 MiB, 8 MiB/s caps: all four swarms (dfly with and
+    without relays, plain HTTP, BitTorrent) finish with verified copies, dfly's origin sends
+    the file once, the single-client and simulator parts report, the
     Markdown, JSON and PNGs are written, and no process it started is still running."""
     work, out = str(tmp_path / "work"), str(tmp_path / "out")
     code = bench.main([
@@ -49,14 +50,15 @@ def test_bench_runs_every_part_and_leaves_nothing_running(tmp_path: Any) -> None
     with open(os.path.join(out, "bench", "results.json")) as f:
         results = json.load(f)
     runs = {r["system"]: r for r in results["swarm"]}
-    assert set(runs) == {"dfly", "http", "bt"}, results["swarm"]
-    for system in ("dfly", "bt"):
+    assert set(runs) == {"dfly", "dfly-saf", "http", "bt"}, results["swarm"]
+    for system in ("dfly", "dfly-saf", "bt"):
         run = runs[system]
         assert run["verified"], run
         assert all(t is not None for t in run["times"]), run
         assert not run["last"]["lower_bound"] and run["last"]["value"] >= run["t_star"] * 0.9
-    assert runs["dfly"]["origin_bytes"] == 4 * MIB
-    assert runs["dfly"]["cdn_bytes"] + runs["dfly"]["peer_bytes"] == 2 * 4 * MIB
+    for system in ("dfly", "dfly-saf"):
+        assert runs[system]["origin_bytes"] == 4 * MIB
+        assert runs[system]["cdn_bytes"] + runs[system]["peer_bytes"] == 2 * 4 * MIB
     assert runs["http"]["verified"] and runs["http"]["origin_bytes"] > 0
     assert runs["bt"]["origin_bytes"] >= 4 * MIB * 0.9  # the seeder sent at least one copy
     single = results["single"]
