@@ -45,6 +45,20 @@ revalidate anything.  A download the node drops (expired, evicted, or of a
 content version that is gone) leaves its task, and an assignment for a task the
 node has no download of is answered C{"not downloading"}, which the supernode
 takes as leaving the task.
+
+Damage on disk.  A held copy can change after it was verified (a disk, a
+stray write).  Three things catch it.  (1) A downloader that got a slice from
+us with another md5 says so (C{"kind": "md5"}); the supernode then sends us
+C{check} with the piece's md5, and we hash that piece from disk off the
+reactor thread (one check per piece, C{MAX_CHECKS} at once): a finished copy
+that differs is dropped and its task left (L{PeerNode.drop_damaged}); a piece
+of an unfinished download stops being held, the supernode hears C{lost}, and
+it is fetched again (a new epoch for early copiers, the file md5 starts over).
+(2) A request for a held file whose inode, size or mtime changed since it was
+verified waits while the whole file is hashed again; a wrong copy is dropped
+and downloaded again for it.  (3) A stream that finds a verified copy wrong
+(L{dfly.peer.stream}) makes the node drop it, so the client's retry downloads
+the file again.  A dropped copy with requests waiting starts over for them.
 """
 
 from __future__ import annotations
