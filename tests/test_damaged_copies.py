@@ -25,8 +25,9 @@ from typing import Any
 import pytest
 from memhelpers import FakeHttp, FakeResponse, StubWire, body, chunked, pieces_of
 from peerhelpers import SOURCE, P, Peer, sync_hash
+from proxyhelpers import BLOB, BLOB_PATH, DIGEST, TID, Env
+from proxyhelpers import P as BLOB_PIECE_SIZE
 from streamhelpers import FakeNode, Sink
-from test_proxy_resource import BLOB, BLOB_PATH, TID, Env
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock
@@ -592,8 +593,8 @@ def test_proxy_client_retry_after_a_damaged_copy_gets_the_blob(tmp_path: Any) ->
     client's retry is served by a new download through the swarm, whole and right."""
     env = Env(str(tmp_path))
     try:
-        env.node.download(DownloadRequest("http://registry.example/v2/lib/app/blobs/x", digest=BLOB_DIGEST))
-        env.node.deliver(TID, BLOB, 105)
+        env.node.download(DownloadRequest("http://registry.example/v2/lib/app/blobs/x", digest=DIGEST))
+        env.node.deliver(TID, BLOB, BLOB_PIECE_SIZE)
         store = env.node.store.get(TID)
         assert store is not None
         damage(store.data_path, 500, silent=True)
@@ -603,7 +604,7 @@ def test_proxy_client_retry_after_a_damaged_copy_gets_the_blob(tmp_path: Any) ->
         assert len(cut) == 1 and isinstance(cut[0], Failure)
         assert [t for t, _ in env.node.dropped] == [TID]
         got = env.get(BLOB_PATH)
-        env.node.deliver(TID, BLOB, 105)
+        env.node.deliver(TID, BLOB, BLOB_PIECE_SIZE)
         env.pump()
         (r,) = got
         assert r.code == 200 and env.body(r) == [BLOB]
@@ -611,5 +612,3 @@ def test_proxy_client_retry_after_a_damaged_copy_gets_the_blob(tmp_path: Any) ->
     finally:
         env.node.store.close()
 
-
-BLOB_DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from filegen import make_file
-from test_loopback_proxy import LOCAL, blob_url, get, registry_blob, sha
+from httphelpers import LOCAL, blob_url, get, registry_blob, sha
 
 from dfly.devtools.swarm import Swarm, SwarmError
 from dfly.devtools.swarm import sha256_file as sha256
