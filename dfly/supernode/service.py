@@ -69,7 +69,8 @@ PROTOCOL_VERSION = 1
 NOT_DOWNLOADING = "not downloading"
 _PEER_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,200}$")
 # Seconds before the same peer is asked again to check the same piece of a task, and how
-# many such requests are remembered before the expired ones are forgotten.
+# many such requests are remembered (the expired ones are forgotten; with that many
+# recent ones, no more checks are asked for until some expire).
 CHECK_INTERVAL = 10.0
 MAX_CHECKS_REMEMBERED = 4096
 
@@ -358,6 +359,8 @@ class Supernode:
             return
         if len(self._checks) >= MAX_CHECKS_REMEMBERED:
             self._checks = {k: t for k, t in self._checks.items() if now - t < CHECK_INTERVAL}
+            if len(self._checks) >= MAX_CHECKS_REMEMBERED:
+                return  # a flood of reports: the pieces are asked about again later
         self._checks[key] = now
         self._log.info(
             "asking peer {source} to check its copy of piece {piece} of {task_id}",
