@@ -7,6 +7,7 @@ and L{FakeNode.fail}.  L{Sink} is a consumer that records bytes and can push bac
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
@@ -31,6 +32,7 @@ class FakeNode:
         self.downloads: dict[str, Download] = {}
         self.requests: list[DownloadRequest] = []
         self.refuse: Exception | None = None
+        self.dropped: list[tuple[str, str]] = []  # (task, why) of copies found damaged
 
     def download(self, request: DownloadRequest) -> Deferred[DownloadResult]:
         if self.refuse is not None:
@@ -61,6 +63,18 @@ class FakeNode:
         if store is not None:
             store.leases -= 1
 
+    def drop_damaged(self, task_id: str, stored: Any, why: str) -> bool:
+        """As L{PeerNode.drop_damaged}, recorded in C{dropped}: the copy and its download go."""
+        dl = self.downloads.get(task_id)
+        if dl is None or dl.store is not stored or dl.state != "done":
+            return False
+        self.dropped.append((task_id, why))
+        stored.damaged = True
+        del self.downloads[task_id]
+        self.store.remove(task_id)
+        dl.notify()
+        return True
+
     # -- playing the swarm ---------------------------------------------------------
     def info(self, task_id: str, length: int, piece_size: int) -> None:
         dl = self.downloads[task_id]
@@ -82,9 +96,13 @@ class FakeNode:
         dl.notify()
 
     def finish(self, task_id: str) -> None:
+        """The verdict: the file held is verified (its md5 is what the store holds now)."""
         dl = self.downloads[task_id]
         dl.state = "done"
-        dl.file_md5 = "0" * 32
+        store = self.store.get(task_id)
+        assert store is not None
+        with open(store.data_path, "rb") as f:
+            dl.file_md5 = hashlib.md5(f.read()).hexdigest()
         waiters, dl.waiters = dl.waiters, []
         for d in waiters:
             d.callback(dl.result())

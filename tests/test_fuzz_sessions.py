@@ -82,6 +82,9 @@ TEMPLATES: list[dict[str, Any]] = [
     {"op": "task_info", **TASK_INFO},
     {"op": "task_failed", **TASK_INFO, "state": "failed", "reason": "404", "kind": "OriginError", "status": 404},
     {"op": "task_reset", "task": FILE_TASK},
+    {"op": "check", "task": FILE_TASK, "piece": 0, "md5": fuzz.piece_md5(fuzz.FILE_CONTENT)},
+    {"op": "lost", "task": FILE_TASK, "piece": 0},
+    {"op": "fail", "task": FILE_TASK, "piece": 0, "source": "resident", "reason": "bad md5", "kind": "md5"},
     {
         "op": "assign", "task": FILE_TASK, "piece": 0, "source": "cdn", "len": 3000, "piece_size": fuzz.P,
         "md5": fuzz.piece_md5(fuzz.FILE_CONTENT),

@@ -17,14 +17,13 @@ from urllib.parse import urlsplit
 
 import pytest
 from filegen import make_file
+from httphelpers import LOCAL, Answer, blob_url, get, registry_blob, sha
 
 from dfly.devtools.registry import Registry, free_port, start_registry
 from dfly.devtools.swarm import Swarm, sha256_file
 from dfly.pieces import MIB
 
 pytestmark = pytest.mark.loopback
-
-LOCAL = "tcp:0:interface=127.0.0.1"
 
 
 @pytest.fixture
@@ -35,59 +34,6 @@ def registry(tmp_path: Any) -> Iterator[Registry]:
         yield reg
     finally:
         reg.stop()
-
-
-class Answer:
-    """What a plain HTTP client got: status, headers, body, and the error that cut it short."""
-
-    def __init__(self, status: int, headers: dict[str, str], body: bytes, error: Exception | None) -> None:
-        self.status, self.headers, self.body, self.error = status, headers, body, error
-
-    @property
-    def complete(self) -> bool:
-        return self.error is None and len(self.body) == int(self.headers.get("content-length", len(self.body)))
-
-
-def get(url: str, headers: dict[str, str] | None = None, proxy: str | None = None, method: str = "GET",
-        body: bytes | None = None, timeout: float = 60.0) -> Answer:
-    """One request with http.client (no redirects followed, nothing decoded); with C{proxy}
-    (host:port) the request is sent in absolute form to that proxy."""
-    parts = urlsplit(url)
-    host, port = (proxy.split(":") if proxy else (parts.hostname, parts.port or 80))
-    conn = http.client.HTTPConnection(str(host), int(port), timeout=timeout)
-    target = url if proxy else (parts.path + (f"?{parts.query}" if parts.query else ""))
-    try:
-        conn.request(method, target, body=body, headers=headers or {})
-        r = conn.getresponse()
-        got = {k.lower(): v for k, v in r.getheaders()}
-        data = b""
-        error = None
-        try:
-            data = r.read()
-        except (http.client.IncompleteRead, ConnectionError, OSError) as e:
-            error = e
-            data = getattr(e, "partial", b"")
-        return Answer(r.status, got, data, error)
-    except (ConnectionError, OSError, http.client.HTTPException) as e:
-        return Answer(0, {}, b"", e)
-    finally:
-        conn.close()
-
-
-def blob_url(base: str, name: str, digest: str, query: str = "") -> str:
-    return f"{base}/v2/{name}/blobs/{digest}{query}"
-
-
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def registry_blob(files: str, size: int, seed: int = 1) -> tuple[str, str]:
-    """A blob file named by its digest in C{files} (for the registry-like origin)."""
-    path = make_file(files, "tmp.bin", size, seed=seed)
-    digest = "sha256:" + sha256_file(path)
-    os.rename(path, os.path.join(files, digest))
-    return digest, os.path.join(files, digest)
 
 
 def wait_for(predicate: Any, timeout: float = 10.0) -> Any:

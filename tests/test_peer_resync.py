@@ -14,98 +14,18 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from memhelpers import FrameCollector, body, pieces_of
-from twisted.internet.defer import Deferred, fail, succeed
+from memhelpers import body, pieces_of
+from peerhelpers import P, Peer
 from twisted.internet.error import ConnectionDone
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from dfly.peer.fetch import FetchSession
-from dfly.peer.link import LinkSession
-from dfly.peer.node import DownloadRequest, DownloadResult, PeerNode, hash_range
-from dfly.pieces import MIB, OVERHEAD, wrap
-from dfly.wire.framing import encode_control
-from dfly.wire.protocol import FramedProtocol
+from dfly.peer.node import DownloadRequest, DownloadResult
+from dfly.pieces import OVERHEAD
 
-P = 1 * MIB
 OLD = body(2 * (P - OVERHEAD) + 1000, seed=21)
 NEW = body(P - OVERHEAD + 77, seed=22)
 URL = "http://origin.example/resync.bin"
-SOURCE = ("source.example", 15001)
-
-
-def sync_hash(path: str, offset: int, length: int, md5: Any) -> Deferred[None]:
-    """The node's whole-file hasher, run inline (a memory reactor has no thread pool)."""
-    try:
-        hash_range(path, offset, length, md5)
-    except Exception:
-        return fail()
-    return succeed(None)
-
-
-class Peer:
-    """A peer node with a hand-driven supernode link and one hand-driven source."""
-
-    def __init__(self, root: Any) -> None:
-        self.clock = MemoryReactorClock()
-        self.clock.advance(1000.0)
-        self.node = PeerNode(self.clock, str(root / "peer"), [("127.0.0.1", 8002)], peer_id="p", hasher=sync_hash)
-        self.link_transport = StringTransport()
-        self.link = FramedProtocol(lambda wire: LinkSession(wire, self.node.link))
-        self.link.makeConnection(self.link_transport)
-        assert isinstance(self.link.session, LinkSession)
-        self.node.link.session = self.link.session
-        self.node.link.address = ("127.0.0.1", 8002)
-        self.source_transport = StringTransport()
-        self.source = FramedProtocol(lambda wire: FetchSession(wire, self.node.sources, SOURCE))
-        self.source.makeConnection(self.source_transport)
-        assert isinstance(self.source.session, FetchSession)
-        self.node.sources._sessions[SOURCE] = self.source.session
-        self._read = 0
-
-    def control(self, msg: dict[str, Any]) -> None:
-        self.link.dataReceived(encode_control(msg))
-
-    def sent(self) -> list[dict[str, Any]]:
-        """Control messages the node sent to the supernode since the last call."""
-        data = self.link_transport.value()
-        collector = FrameCollector().feed(data[self._read :])
-        self._read = len(data)
-        return [m for kind, m in collector.events if kind == "control"]
-
-    def info(self, content: bytes, generation: str, fresh_ms: int, **extra: Any) -> dict[str, Any]:
-        return {
-            "state": "done", "generation": generation, "fresh_ms": fresh_ms, "length": len(content),
-            "piece_size": P, "piece_count": len(pieces_of(content, P)),
-            "md5": hashlib.md5(content).hexdigest(), **extra,
-        }
-
-    def deliver(self, tid: str, content: bytes) -> None:
-        """Assign every piece of C{content} from the source and answer each with its slice."""
-        for info in pieces_of(content, P):
-            self.control({
-                "op": "assign", "task": tid, "piece": info.piece, "len": info.data_len, "piece_size": P,
-                "md5": info.md5, "source": {"id": "s", "host": SOURCE[0], "port": SOURCE[1]},
-            })
-        for info in pieces_of(content, P):
-            self.source.dataReceived(
-                encode_control({"op": "slice", "task": tid, "piece": info.piece, "len": info.data_len, "piece_size": P})
-                + wrap(info.data, P)
-            )
-
-    def finish(self, request: DownloadRequest, content: bytes = OLD, generation: str = "g1", fresh_ms: int = 5000) -> DownloadResult:
-        """Download C{request} to the end: registered, every piece delivered, verified."""
-        out: list[Any] = []
-        self.node.download(request).addBoth(out.append)
-        (reg,) = [m for m in self.sent() if m["op"] == "register"]
-        self.control({"op": "registered", "req": reg["req"], "task": request.task_id, **self.info(content, generation, fresh_ms)})
-        self.deliver(request.task_id, content)
-        assert len(out) == 1 and isinstance(out[0], DownloadResult), out
-        self.sent()
-        return out[0]
-
-    def close(self) -> None:
-        self.node.stop()
 
 
 @pytest.fixture
@@ -128,7 +48,7 @@ def test_reconnect_announces_finished_downloads_as_seeds(peer: Peer) -> None:
     piece and its generation): an announcement of what is held, not a request, so the
     supernode fetches nothing for it.  An unfinished download registers as a request."""
     request = DownloadRequest(URL)
-    peer.finish(request)
+    peer.finish(request, OLD)
     other = DownloadRequest(URL + "?other")
     peer.node.download(other).addErrback(lambda _: None)
     peer.sent()
@@ -146,7 +66,7 @@ def test_finished_download_of_a_gone_version_is_dropped_and_leaves_its_task(peer
     "not downloading"."""
     request = DownloadRequest(URL)
     tid = request.task_id
-    peer.finish(request)
+    peer.finish(request, OLD)
     peer.control({"op": "task_info", "task": tid, "state": "running", "generation": "g2", "length": None,
                   "piece_size": None, "piece_count": None, "md5": None})
     assert tid not in peer.node.downloads and peer.node.store.get(tid) is None
@@ -162,7 +82,7 @@ def test_finished_download_answers_done_for_a_piece_it_holds(peer: Peer) -> None
     """An assignment of a piece a finished download holds (the supernode did not know it
     had it) is answered done, not "not downloading": the node stays a source of the task."""
     request = DownloadRequest(URL)
-    peer.finish(request)
+    peer.finish(request, OLD)
     info = pieces_of(OLD, P)[1]
     peer.control({"op": "assign", "task": request.task_id, "piece": 1, "len": info.data_len, "piece_size": P,
                   "md5": info.md5, "source": "cdn", "attempt": 3})
@@ -176,7 +96,7 @@ def test_held_copy_within_the_supernodes_window_is_served_at_once(peer: Peer) ->
     """Within the time the supernode said it trusts the version (fresh_ms), a request for a
     held file is answered at once, without a message to the supernode."""
     request = DownloadRequest(URL)
-    first = peer.finish(request, fresh_ms=5000)
+    first = peer.finish(request, OLD, fresh_ms=5000)
     peer.clock.advance(4.9)
     out: list[Any] = []
     peer.node.download(request).addBoth(out.append)
@@ -189,7 +109,7 @@ def test_held_copy_after_the_window_is_revalidated_then_served(peer: Peer) -> No
     as a request (with what it holds and its generation); the supernode's answer with the
     same generation serves the held file, and its fresh_ms starts a new window."""
     request = DownloadRequest(URL)
-    first = peer.finish(request, fresh_ms=5000)
+    first = peer.finish(request, OLD, fresh_ms=5000)
     peer.clock.advance(5.0)
     out: list[Any] = []
     peer.node.download(request).addBoth(out.append)
@@ -212,7 +132,7 @@ def test_changed_version_is_downloaded_for_the_waiting_request(peer: Peer) -> No
     the meantime nothing of the old file is offered for early copying."""
     request = DownloadRequest(URL)
     tid = request.task_id
-    peer.finish(request, fresh_ms=5000)
+    peer.finish(request, OLD, fresh_ms=5000)
     epoch = peer.node.downloads[tid].epoch
     peer.clock.advance(6.0)
     out: list[Any] = []
@@ -233,7 +153,7 @@ def test_revalidation_not_known_yet_downloads_again(peer: Peer) -> None:
     version arriving with the next task description."""
     request = DownloadRequest(URL)
     tid = request.task_id
-    peer.finish(request)
+    peer.finish(request, OLD)
     peer.clock.advance(6.0)
     out: list[Any] = []
     peer.node.download(request).addBoth(out.append)
@@ -250,7 +170,7 @@ def test_revalidation_without_a_supernode_serves_the_held_copy(peer: Peer) -> No
     """If the supernode link is lost while a request waits for a revalidation, or is down when
     the request comes, the held file is served."""
     request = DownloadRequest(URL)
-    first = peer.finish(request)
+    first = peer.finish(request, OLD)
     peer.clock.advance(6.0)
     out: list[Any] = []
     peer.node.download(request).addBoth(out.append)
@@ -269,7 +189,7 @@ def test_content_named_by_digest_is_never_revalidated(peer: Peer) -> None:
     held copy, a request is answered at once."""
     digest = "sha256:" + hashlib.sha256(OLD).hexdigest()
     request = DownloadRequest("http://reg.example/v2/x/blobs/" + digest, digest=digest)
-    peer.finish(request, fresh_ms=0)
+    peer.finish(request, OLD, fresh_ms=0)
     peer.clock.advance(10_000.0)
     out: list[Any] = []
     peer.node.download(request).addBoth(out.append)
@@ -282,7 +202,7 @@ def test_stream_of_a_held_copy_waits_for_its_revalidation(peer: Peer) -> None:
     bytes, whole and verified."""
     request = DownloadRequest(URL)
     tid = request.task_id
-    peer.finish(request)
+    peer.finish(request, OLD)
     peer.clock.advance(6.0)
     ready: list[Any] = []
     peer.node.stream(request).addBoth(ready.append)
@@ -323,7 +243,7 @@ def test_stream_of_a_verified_file_finishes_it_when_a_new_version_replaces_it(pe
     descriptor: its client gets one whole version, never a mix and never a cut."""
     request = DownloadRequest(URL)
     tid = request.task_id
-    peer.finish(request)
+    peer.finish(request, OLD)
     ready: list[Any] = []
     peer.node.stream(request).addBoth(ready.append)
     (stream,) = ready

@@ -1,11 +1,11 @@
 """Property tests for dfly.supernode.scheduler: random event sequences never break its rules.
 
 Hypothesis drives a scheduler with random joins, piece arrivals, completions,
-failures, departures, withdrawals and task removals, and after every event checks
-the rules of the module docstring on the assignments it returned, the consistency
-of its incremental indexes with a recount from scratch, and that a full pass
-(L{Scheduler.schedule}) finds nothing the event left unassigned.  Finally it lets
-every running download finish and checks that every member completes.
+failures, pieces lost by their holders, departures, withdrawals and task removals,
+and after every event checks the rules of the module docstring on the assignments it
+returned, the consistency of its incremental indexes with a recount from scratch, and
+that a full pass (L{Scheduler.schedule}) finds nothing the event left unassigned.
+Finally it lets every running download finish and checks that every member completes.
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def test_random_events_keep_the_rules_and_complete(limits: dict[str, int], n_pie
     for _ in range(draw(st.integers(0, 60))):
         kind = draw(
             st.sampled_from(
-                ["ready", "start", "join", "done", "done", "done", "fail", "leave", "gone", "withdraw", "finish", "late"]
+                ["ready", "start", "join", "done", "done", "done", "fail", "leave", "gone", "withdraw", "finish", "late", "lost"]
                 * 4
                 + ["cdn_failed"]
             )
@@ -240,6 +240,19 @@ def test_random_events_keep_the_rules_and_complete(limits: dict[str, int], n_pie
             before = running(s)
             assert step(s, s.piece_failed, tid, pid, piece, src, old) == []
             assert running(s) == before
+        elif kind == "lost":
+            # A member's copy of a piece failed a check on its disk: it holds it no more.
+            held = sorted((pid, p) for pid, m in task.members.items() for p in m.has)
+            if not held:
+                continue
+            pid, piece = draw(st.sampled_from(held))
+            before = snapshot(s, ends_downloads=True)
+            before[(T, pid)].discard(piece)  # it may rightly be assigned the piece again at once
+            new = s.piece_lost(T, pid, piece)
+            check_new(s, new, before)
+            check_state(s)
+            assert s.schedule(T) == [], "an event left something assignable unassigned"
+            assert piece not in task.members[pid].has and pid not in task.holders.get(piece, set())
         elif kind == "leave" and task.members:
             pid = draw(st.sampled_from(sorted(task.members)))
             step(s, s.leave, T, pid, ends_downloads=True)

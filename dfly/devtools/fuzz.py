@@ -117,7 +117,7 @@ FETCH_TASK = hashlib.sha256(b"fuzz-fetch").hexdigest()
 ALL_OPS = [
     "hello", "register", "done", "fail", "leave", "get", "slice", "nack", "welcome",
     "registered", "refused", "task_info", "task_failed", "assign", "task_reset",
-    "download", "progress", "failed",
+    "download", "progress", "failed", "check", "lost",
 ]
 
 INTS = [
@@ -672,7 +672,7 @@ class SupernodeWorld(World):
             conn.state["hello"] = True
             peer = rng.choice(["p1", "p2", "resident", f"p{rng.randrange(1000)}", "é☃", "\ud800", "cdn", "x" * 200])
             return {"op": "hello", "peer": peer, "port": rng.choice([0, 4001, 65535]), **({"host": "10.0.0.7"} if rng.random() < 0.3 else {})}
-        op = rng.choices(["register", "done", "fail", "leave", "get", "hello"], [4, 3, 1, 1, 3, 0.3])[0]
+        op = rng.choices(["register", "done", "fail", "leave", "get", "hello", "lost"], [4, 3, 1, 1, 3, 0.3, 0.3])[0]
         task = self.some_task(rng)
         piece = rng.choice([0, 0, 1, 2, 5])
         if op == "register":
@@ -695,9 +695,13 @@ class SupernodeWorld(World):
             msg = {"op": op, "task": task, "piece": piece, "source": rng.choice(["cdn", "resident", "p1", "nobody"])}
             if op == "fail":
                 msg["reason"] = "md5 mismatch"
+                if rng.random() < 0.5:
+                    msg["kind"] = "md5"  # may ask the source to check its copy
             return msg
         if op == "leave":
             return {"op": "leave", "task": task}
+        if op == "lost":
+            return {"op": "lost", "task": task, "piece": piece}
         if op == "get":
             # piece 0 of big.bin is a whole MiB: ask for it rarely.
             if task == self.tids[1] and piece == 0 and rng.random() < 0.9:
@@ -927,7 +931,8 @@ class LinkWorld(_PeerWorld):
 
     def message(self, conn: Conn, rng: random.Random) -> dict[str, Any]:
         op = rng.choices(
-            ["welcome", "registered", "refused", "task_info", "task_failed", "assign", "task_reset"], [0.5, 3, 0.5, 2, 0.5, 4, 0.5]
+            ["welcome", "registered", "refused", "task_info", "task_failed", "assign", "task_reset", "check"],
+            [0.5, 3, 0.5, 2, 0.5, 4, 0.5, 0.5],
         )[0]
         if op == "welcome":
             return {"op": "welcome", "version": 1}
@@ -940,6 +945,9 @@ class LinkWorld(_PeerWorld):
             return {"op": op, **self.task_info(rng)}
         if op == "task_reset":
             return {"op": "task_reset", "task": self.some_task(rng)}
+        if op == "check":
+            md5 = piece_md5(FILE_CONTENT) if rng.random() < 0.5 else rng.choice(["0" * 32, "x", None])
+            return {"op": "check", "task": self.some_task(rng), "piece": rng.choice([0, 0, 1, -1]), "md5": md5}
         host = rng.choice(["10.0.0.5", "peer.fuzz", "::1"]) if rng.random() < 0.9 else rng.choice(["", "\ud800", "a" * 255, "../../etc", "\u2603", "x\x00y"])
         source: Any = "cdn" if rng.random() < 0.5 else {"id": rng.choice(["p9", "cdn", "\ud800"]), "host": host, "port": rng.choice([15001, 1, 65535])}
         data_len = rng.choice([len(FILE_CONTENT), 0, P - OVERHEAD])

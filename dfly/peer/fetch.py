@@ -40,7 +40,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dfly.errors import BadControlMessage, ProtocolError
+from dfly.errors import BadControlMessage, PieceDigestMismatch, ProtocolError
 from dfly.peer.store import StoredTask
 from dfly.ratelimit import TokenBucket
 from dfly.wire.messages import get_int, get_opt_str, get_task_id
@@ -76,6 +76,9 @@ class PieceRequest:
         # request stays open (and its relay readers wait) until the node's verdict.
         self.awaiting: Any = None
         self.unchecked = False  # its slice was read with no md5 to check it against
+        # The slice arrived whole but with another md5 than the piece's (the report says so,
+        # and the supernode may ask the source to check its copy).
+        self.mismatch = False
         # Relay readers following this request's bytes (set by the node when one asks).
         self.feed: GrowingRange | None = None
 
@@ -262,6 +265,8 @@ class FetchSession:
 
     def protocol_error(self, error: ProtocolError) -> None:
         self.error = str(error)
+        if isinstance(error, PieceDigestMismatch) and self.current is not None:
+            self.current.mismatch = True
 
     def connection_lost(self, reason: Failure) -> None:
         if self.timer is not None and self.timer.active():

@@ -45,10 +45,25 @@ revalidate anything.  A download the node drops (expired, evicted, or of a
 content version that is gone) leaves its task, and an assignment for a task the
 node has no download of is answered C{"not downloading"}, which the supernode
 takes as leaving the task.
+
+Damage on disk.  A held copy can change after it was verified (a disk, a
+stray write).  Three things catch it.  (1) A downloader that got a slice from
+us with another md5 says so (C{"kind": "md5"}); the supernode then sends us
+C{check} with the piece's md5, and we hash that piece from disk off the
+reactor thread (one check per piece, C{MAX_CHECKS} at once): a finished copy
+that differs is dropped and its task left (L{PeerNode.drop_damaged}); a piece
+of an unfinished download stops being held, the supernode hears C{lost}, and
+it is fetched again (a new epoch for early copiers, the file md5 starts over).
+(2) A request for a held file whose inode, size or mtime changed since it was
+verified waits while the whole file is hashed again; a wrong copy is dropped
+and downloaded again for it.  (3) A stream that finds a verified copy wrong
+(L{dfly.peer.stream}) makes the node drop it, so the client's retry downloads
+the file again.  A dropped copy with requests waiting starts over for them.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import socket
@@ -75,7 +90,7 @@ from dfly.errors import (
 from dfly.peer.fetch import PieceRequest, SourcePool
 from dfly.peer.link import SupernodeLink
 from dfly.peer.store import PeerStore
-from dfly.pieces import Layout, check_piece_size
+from dfly.pieces import TAIL, Layout, SliceHeader, check_piece_size
 from dfly.ratelimit import make_bucket
 from dfly.urls import (
     check_digest,
@@ -111,6 +126,9 @@ RELAY_GRACE = 3.0
 # The reason of the fail answering an assignment for a task we have no download of; the
 # supernode takes it as our leaving the task.
 NOT_DOWNLOADING = "not downloading"
+# Piece checks the supernode asked for that may run at once (each reads one piece, at most
+# 15 MiB, in a worker thread); more are dropped until one ends.
+MAX_CHECKS = 8
 
 
 @dataclass
@@ -205,6 +223,7 @@ class Download:
         # the origin; a done download requested after that is revalidated first.
         self.trusted_until = float("-inf")
         self.revalidating = False  # done, and registered again to check the version
+        self.rechecking = False  # done, and the held file changed on disk: hashed again
 
     @property
     def store(self) -> Any:
@@ -286,6 +305,7 @@ class PeerNode:
         self._hash_range = hasher or self._hash_in_thread
         self._expiry: Any = None
         self._orphaned: Any = None
+        self._checks: set[tuple[str, int]] = set()  # (task, piece) being checked
 
     # -- lifecycle -----------------------------------------------------------
     def start(self, upload_port: int) -> None:
@@ -321,6 +341,10 @@ class PeerNode:
         dl = self.downloads.get(task_id)
         if dl is not None and dl.state == "done" and dl.store is not None:
             dl.store.last_access = self.clock()
+            if not (dl.revalidating or dl.rechecking) and dl.store.file_stat() != dl.store.verified_stat:
+                self._recheck(dl, request)
+                dl = self.downloads.get(task_id)  # a damaged copy may be gone already
+        if dl is not None and dl.state == "done" and dl.store is not None and not dl.rechecking:
             if not dl.revalidating and self._trusted(dl):
                 if progress is not None:
                     progress(dl.received(), dl.length)
@@ -355,6 +379,67 @@ class PeerNode:
             )
             return True
         return False
+
+    def _recheck(self, dl: Download, request: DownloadRequest) -> None:
+        """The held file's identity (inode, size, mtime) changed since it was verified:
+        hash it again before anyone is served from it.  The same md5: it is served (or
+        revalidated) as before; another: the copy is dropped and downloaded again."""
+        store = dl.store
+        assert dl.length is not None  # done
+        self._log.info("held file of task {task_id} changed on disk; verifying it again", task_id=dl.task_id)
+        dl.rechecking = True
+        stat = store.file_stat()
+        md5 = hashlib.md5()
+        d = self._hash_range(store.data_path, 0, dl.length, md5)
+
+        def current() -> bool:
+            return self.downloads.get(dl.task_id) is dl and dl.store is store and dl.rechecking
+
+        def hashed(_: Any) -> None:
+            if not current():
+                return
+            got = md5.hexdigest()
+            if got != dl.file_md5:
+                self.drop_damaged(dl.task_id, store, f"file md5 {got} is not the verified {dl.file_md5}")
+                return
+            dl.rechecking = False
+            store.verified_stat = stat
+            self._log.info("held file of task {task_id} verified again", task_id=dl.task_id)
+            if dl.waiters:
+                if self._trusted(dl):
+                    self._serve_held(dl)
+                else:
+                    self._revalidate(dl, request)
+            else:
+                dl.notify()
+
+        def failed(f: Failure) -> None:
+            if current():
+                self.drop_damaged(dl.task_id, store, f"cannot read it: {f.getErrorMessage()}")
+
+        d.addCallbacks(hashed, failed)
+
+    def drop_damaged(self, task_id: str, stored: Any, why: str) -> bool:
+        """A reader proved the held, verified copy C{stored} of C{task_id} wrong (a digest
+        mismatch, a short file): drop it, so that the next request downloads the file again.
+        The task is left (the supernode stops offering the copy); requests waiting for it
+        are served by a new download through the swarm.  False if C{stored} is not the
+        finished copy held now (already dropped, or replaced)."""
+        dl = self.downloads.get(task_id)
+        if dl is None or stored is None or dl.store is not stored or dl.state != "done":
+            return False
+        self._log.warn(
+            "held copy of task {task_id} is damaged ({why}); dropping it, it is downloaded again when asked for",
+            task_id=task_id, why=why,
+        )
+        stored.damaged = True
+        waiting = bool(dl.waiters)
+        if waiting:
+            self.link.send({"op": "leave", "task": task_id})  # the supernode forgets our pieces
+        self._reset(dl)  # nobody waiting: dropped, and the task left
+        if waiting and self.downloads.get(task_id) is dl:
+            self._register(dl)
+        return True
 
     def _revalidate(self, dl: Download, request: DownloadRequest) -> None:
         """Register a done download again: the answer says whether its version is current."""
@@ -412,8 +497,8 @@ class PeerNode:
         epoch stays the same, so a client may copy them before the whole file is verified."""
         dl = self.downloads.get(task_id)
         store = dl.store if dl is not None else None
-        if dl is None or store is None or dl.length is None or dl.revalidating:
-            return None  # (a copy being revalidated may be about to go)
+        if dl is None or store is None or dl.length is None or dl.revalidating or dl.rechecking:
+            return None  # (a copy being revalidated or checked again may be about to go)
         return store.data_path, min(dl.length, store.data_offset(dl.held_run)), dl.epoch
 
     # -- supernode link ------------------------------------------------------
@@ -508,6 +593,9 @@ class PeerNode:
                 return
             self._task_info(dl, msg)
             return
+        if op == "check":
+            self._check_piece(msg)
+            return
         task_id = get_task_id(msg)
         dl = self.downloads.get(task_id)
         if op == "task_info":
@@ -531,6 +619,100 @@ class PeerNode:
         else:
             raise BadControlMessage(f"unknown op {op!r} from the supernode")
 
+    # -- checks of held pieces -------------------------------------------------
+    def _check_piece(self, msg: dict[str, Any]) -> None:
+        """The supernode asks us to check a piece we hold: a downloader got it from us with
+        another md5.  It is read back from disk off the reactor thread; a damaged copy is
+        dropped (L{_piece_checked}).  A check that names nothing we hold, or one for a
+        piece being checked already, is ignored; so is a malformed one (it is advice, not
+        worth the link)."""
+        try:
+            task_id = get_task_id(msg)
+            piece = get_int(msg, "piece", 0, 1 << 24)
+            md5 = get_md5(msg, "md5")
+        except BadControlMessage as e:
+            self._log.info("ignoring a malformed check from the supernode: {error}", error=str(e))
+            return
+        dl = self.downloads.get(task_id)
+        store = self.store.get(task_id)
+        if dl is None or store is None or dl.store is not store or piece not in store.have:
+            return
+        key = (task_id, piece)
+        if key in self._checks:
+            return
+        if len(self._checks) >= MAX_CHECKS:
+            self._log.info(
+                "{n} piece checks running; not checking piece {piece} of {task_id}",
+                n=len(self._checks), piece=piece, task_id=task_id,
+            )
+            return
+        self._checks.add(key)
+        data_len = store.have[piece]
+        hasher = hashlib.md5(SliceHeader(data_len, store.piece_size).encode())
+        d = self._hash_range(store.data_path, store.data_offset(piece), data_len, hasher)
+
+        def hashed(_: Any) -> None:
+            hasher.update(TAIL)
+            self._piece_checked(dl, store, piece, data_len, md5, hasher.hexdigest())
+
+        def failed(f: Failure) -> None:
+            unreadable = f.check(IntegrityError, FileNotFoundError) or (
+                isinstance(f.value, OSError) and f.value.errno == errno.EIO
+            )
+            if unreadable:
+                self._piece_checked(dl, store, piece, data_len, md5, f"unreadable ({f.getErrorMessage()})")
+            else:
+                self._log.warn(
+                    "cannot check piece {piece} of {task_id}: {error}",
+                    piece=piece, task_id=task_id, error=f.getErrorMessage(),
+                )
+
+        def end(result: Any) -> Any:
+            self._checks.discard(key)
+            return result
+
+        d.addBoth(end)
+        d.addCallbacks(hashed, failed)
+        d.addErrback(lambda f: self._log.failure("checking piece {piece} of {task_id} failed", f, piece=piece, task_id=task_id))
+
+    def _piece_checked(self, dl: Download, store: Any, piece: int, data_len: int, md5: str, got: str) -> None:
+        """What a check read back: the same md5 changes nothing; another drops our copy of
+        the piece (a finished file: all of it)."""
+        if self.downloads.get(dl.task_id) is not dl or dl.store is not store or store.have.get(piece) != data_len:
+            return  # the copy checked is gone or changed meanwhile
+        if got == md5:
+            self._log.info(
+                "piece {piece} of {task_id} checks out on disk (md5 {md5}); keeping it",
+                piece=piece, task_id=dl.task_id, md5=md5,
+            )
+            return
+        why = f"piece {piece} on disk has md5 {got}, not {md5}"
+        if dl.state == "done":
+            self.drop_damaged(dl.task_id, store, why)
+            return
+        self._log.warn(
+            "piece {piece} of {task_id} is damaged on disk ({why}); fetching it again",
+            piece=piece, task_id=dl.task_id, why=why,
+        )
+        self._unhold(dl, piece)
+
+    def _unhold(self, dl: Download, piece: int) -> None:
+        """A held piece of an unfinished download is damaged: not held any more, and the
+        supernode hears of it (C{lost}) and assigns it again."""
+        store = dl.store
+        store.unmark(piece)
+        if piece < dl.held_run:
+            # Readers may have taken these bytes as final, and the file md5 covers them or
+            # is being taken over them: a new epoch, and the hash starts over.
+            dl.held_run = piece
+            dl.epoch += 1
+            dl.md5, dl.hashed, dl.hashing = hashlib.md5(), 0, False
+        if dl.state == "verifying":
+            dl.state = "registered"
+        self.link.send({"op": "lost", "task": dl.task_id, "piece": piece})
+        dl.notify()
+        self._advance_hash(dl)
+
     def _piece_md5(self, dl: Download, piece: int, md5: str) -> None:
         """The supernode announces the md5 of a piece it assigned before it was whole."""
         if dl.piece_count is not None and piece >= dl.piece_count:
@@ -553,6 +735,7 @@ class PeerNode:
         if req.digest == md5:
             return None
         req.cut()
+        req.mismatch = True
         return f"slice md5 {req.digest} is not the announced {md5}"
 
     def _revalidated(self, dl: Download, msg: dict[str, Any]) -> None:
@@ -578,7 +761,7 @@ class PeerNode:
         dl.piece_md5s.clear()
         self._drop_relay_waits(dl)
         self.store.remove(dl.task_id)
-        dl.revalidating = False
+        dl.revalidating = dl.rechecking = False
         dl.trusted_until = float("-inf")
         if dl.state == "done" and not dl.waiters:
             if self.downloads.get(dl.task_id) is dl:
@@ -724,7 +907,8 @@ class PeerNode:
                 "piece {piece} of {task_id} from {source} failed: {error}",
                 piece=req.piece, task_id=dl.task_id, source=source_id, error=error,
             )
-            self.link.send({"op": "fail", "reason": error[:1000], **report})
+            kind = {"kind": "md5"} if req.mismatch else {}
+            self.link.send({"op": "fail", "reason": error[:1000], **report, **kind})
             return
         req.task.mark(req.piece, req.data_len)
         while dl.held_run in req.task.have:
@@ -805,6 +989,7 @@ class PeerNode:
         store = dl.store
         store.complete = True
         store.last_access = self.clock()
+        store.verified_stat = store.file_stat()
         self._log.info(
             "task {task_id} done: {length} bytes in {seconds:.2f} s, {cdn} from the supernode, {peers} from peers",
             task_id=dl.task_id, length=dl.length, seconds=dl.finished_at - dl.started,

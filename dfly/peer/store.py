@@ -4,7 +4,8 @@ The data file holds the raw file bytes at their own offsets (piece n at
 n*(P-5)), so a complete task is the finished file itself.  A piece counts as
 held only after its slice passed the md5 check; bytes of a piece that is not
 held are never served, and a held piece is never written again, so a late or
-lying source cannot damage what was verified.
+lying source cannot damage what was verified.  Only a held piece found damaged
+on disk (L{StoredTask.unmark}) stops being held; a new attempt may then write it.
 
 The one exception is a relay (L{StoredTask.slice_source} with a
 L{GrowingRange}): the bytes of a piece still arriving, read back as the fetch
@@ -39,6 +40,10 @@ class StoredTask:
     last_access: float = 0.0
     leases: int = 0
     uploaded_bytes: int = 0
+    # The data file's (inode, size, mtime in ns) when the whole file was last verified: a
+    # held file whose identity changed since is verified again before it is served.
+    verified_stat: tuple[int, int, int] | None = None
+    damaged: bool = False  # a reader found the held copy wrong: it is being dropped
     # Ranges relay readers may follow: failed when the task is removed.
     relays: weakref.WeakSet[GrowingRange] = field(default_factory=weakref.WeakSet)
 
@@ -59,8 +64,23 @@ class StoredTask:
         """The piece's slice passed its md5 check."""
         self.have[piece] = data_len
 
+    def unmark(self, piece: int) -> None:
+        """The held piece failed a check on disk: it is not held any more (and may be
+        written again by a new attempt)."""
+        self.have.pop(piece, None)
+        self.complete = False
+        self.verified_stat = None
+
     def size(self) -> int:
         return sum(self.have.values())
+
+    def file_stat(self) -> tuple[int, int, int] | None:
+        """(inode, size, mtime in ns) of the data file; None if it cannot be read."""
+        try:
+            st = os.stat(self.data_path)
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
 
     def follow(self) -> GrowingRange:
         """A new range for relay readers of a piece being received, failed if the task goes."""

@@ -10,12 +10,21 @@ next event (a piece verified, the task finished, failed or reset), and while
 the consumer is paused it reads nothing.
 
 Verification: every byte from the start of the file is hashed (sha256 when an
-expected digest is given), even for a range that starts later, and the last
-chunk to be written is held back until the end of the file has been read, the
-digest matched and the node has verified the whole file (md5 from the
-supernode).  So a consumer never receives the final byte of a wrong file: on a
-mismatch or a failed download L{BlobStream.finished} fails instead, and the
-caller aborts its client's connection.  At most one chunk is held in memory.
+expected digest is given, else md5), even for a range that starts later, and
+the last chunk to be written is held back until the end of the file has been
+read, the node has verified the whole file (md5 from the supernode) and what
+the stream read matched (the digest, else that md5).  So a consumer never
+receives the final byte of a wrong file: on a mismatch or a failed download
+L{BlobStream.finished} fails instead, and the caller aborts its client's
+connection.  At most one chunk is held in memory.
+
+Damage: a mismatch (or a short or unreadable file) over a copy the node had
+verified means the copy changed on disk since; the stream tells the node
+(L{PeerNode.drop_damaged}), which drops it, so the client's next request
+downloads the file again instead of meeting the same bytes.  A stream reading a
+copy the node drops as damaged fails at once, and one that has read a piece
+found damaged on disk before the download finished fails too (that piece is
+fetched again; what was read of it cannot be trusted).
 
 Versions: a stream reads the data file of one content version.  If the task's
 file is replaced by another version's while the stream reads (the origin
@@ -31,6 +40,7 @@ clients may be waiting for.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from typing import TYPE_CHECKING, Any
@@ -109,7 +119,10 @@ class BlobStream:
         self._download = download
         self._verified = False
         self._held: bytes | None = None
-        self._hash = hashlib.sha256()
+        # Every byte from the start is hashed: sha256 for a digest, else md5, which the
+        # node's whole-file md5 must then match.
+        self._hash = hashlib.sha256() if expected_sha256 is not None else hashlib.md5()
+        self._file_md5: str | None = None  # of the version read, once the node verified it
         self._consumer: IConsumer | None = None
         self._paused = False
         self._done = False
@@ -132,8 +145,8 @@ class BlobStream:
         """Open the data file once the size is known; True when the stream is ready."""
         dl = self.dl
         store = dl.store
-        if dl.length is None or store is None or dl.revalidating:
-            return False  # (a copy being revalidated may be dropped for a new version)
+        if dl.length is None or store is None or dl.revalidating or dl.rechecking:
+            return False  # (a copy being revalidated or checked again may be dropped)
         try:
             self._fd = os.open(store.data_path, os.O_RDONLY)
         except OSError as e:
@@ -153,6 +166,7 @@ class BlobStream:
     # -- events ----------------------------------------------------------------
     def _download_done(self, result: DownloadResult) -> None:
         self._verified = True
+        self._file_md5 = result.md5
         self._changed()
 
     def _download_failed(self, f: Failure) -> None:
@@ -164,7 +178,15 @@ class BlobStream:
         if self._done:
             return
         dl = self.dl
+        if self._stored is not None and self._stored.damaged:
+            self._fail(IntegrityError("the held copy being read was found damaged on disk"))
+            return
         replaced = self._stored is not None and self.node.store.get(self.task_id) is not self._stored
+        if self._fd is not None and not replaced and not self._verified and self.position > self.available():
+            # A piece already read was found damaged on disk (it is fetched again): what
+            # was read of it cannot be trusted.
+            self._fail(TaskFailed("a piece already read was found damaged on disk"))
+            return
         if replaced and self._verified:
             pass  # what this stream reads was complete and verified: finish it from our descriptor
         elif dl.state == "failed":
@@ -248,10 +270,14 @@ class BlobStream:
             try:
                 data = os.pread(self._fd, want, self.position)
             except OSError as e:
-                self._fail(StorageError(f"cannot read the task's data: {e.strerror or e}"))
+                error = StorageError(f"cannot read the task's data: {e.strerror or e}")
+                if e.errno == errno.EIO:
+                    self._damaged(error)
+                else:
+                    self._fail(error)
                 return
             if len(data) != want:
-                self._fail(StorageError("the task's data file is shorter than its pieces"))
+                self._damaged(StorageError("the task's data file is shorter than its pieces"))
                 return
             start = self.position
             self.position += want
@@ -283,15 +309,29 @@ class BlobStream:
         if self.expected_sha256 is not None:
             got = "sha256:" + self._hash.hexdigest()
             if got != self.expected_sha256:
-                self._fail(IntegrityError(f"content has {got}, not the digest {self.expected_sha256}"))
+                self._damaged(IntegrityError(f"content has {got}, not the digest {self.expected_sha256}"))
                 return
         if not self._verified:
             return  # the node's md5 verdict comes with the download's result
+        if self.expected_sha256 is None and self._file_md5 is not None:
+            got = self._hash.hexdigest()
+            if got != self._file_md5:
+                self._damaged(IntegrityError(f"content has md5 {got}, not the verified {self._file_md5}"))
+                return
         held, self._held = self._held, None
         if held and self._consumer is not None:
             self.written += len(held)
             self._consumer.write(held)
         self._finish()
+
+    def _damaged(self, error: DflyError) -> None:
+        """What was read is wrong: fail, and if it was read from the verified copy the node
+        holds, that copy is damaged on disk: the node drops it, so that the client's next
+        request downloads the file again rather than meeting the same bytes."""
+        stored, verified = self._stored, self._verified
+        self._fail(error)
+        if verified and stored is not None:
+            self.node.drop_damaged(self.task_id, stored, str(error))
 
     def _finish(self) -> None:
         written = self.written

@@ -1,7 +1,7 @@
 """Piece scheduling: which peer fetches which piece from whom.
 
 Pure logic with no I/O, driven by events (a piece is written by the CDN, a
-peer joins, finishes or fails a piece, a peer goes away); every event returns
+peer joins, finishes, fails or loses a piece, a peer goes away); every event returns
 the new assignments at once, so a peer learns that a piece became available
 within the same reactor turn.  Nothing here sleeps or polls.
 
@@ -380,6 +380,36 @@ class Scheduler:
         self._attempt_failed(task, member, piece)
         self._unrun(task, member, piece)
         self._count_failure(task, peer_id, source)
+        task.to_fill[peer_id] = None
+        self._touch(task)
+        return self._settle()
+
+    def piece_lost(self, task_id: str, peer_id: str, piece: int) -> list[Assignment]:
+        """A member no longer holds C{piece} (its copy failed a check on its own disk): it is
+        no source of it any more, downloads of it from that member are withdrawn without
+        blame, and the member wants the piece again."""
+        task = self.tasks.get(task_id)
+        member = task.members.get(peer_id) if task is not None else None
+        peer = self.peers.get(peer_id)
+        if task is None or member is None or peer is None or piece not in member.has:
+            return []
+        member.has.discard(piece)
+        task.holders.get(piece, set()).discard(peer_id)
+        if not peer.blacklisted:
+            n = task.good[piece] - 1
+            if n:
+                task.good[piece] = n
+            else:
+                del task.good[piece]
+                task.dirty_pieces.add(piece)  # may come from the CDN now
+                task.cdn_freed = True
+            if peer.uploads < self.up_limit:
+                self._unfree(task, piece, peer.uploads, peer_id)
+        for other_id, p in list(task.serving.get(peer_id, ())):
+            other = task.members.get(other_id)
+            if p == piece and other is not None and other.running.get(piece) == peer_id:
+                self._withdraw(task, other, piece)
+        self._unrun(task, member, piece)
         task.to_fill[peer_id] = None
         self._touch(task)
         return self._settle()

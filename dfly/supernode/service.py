@@ -1,10 +1,11 @@
 """The supernode's core: tasks, the CDN, the scheduler and the peers' sessions.
 
 Peers keep one control connection (C{hello}, then C{register}/C{done}/
-C{fail}/C{leave}); the supernode pushes C{assign}, C{task_info} and
-C{task_failed} to them the moment scheduling or the CDN produces something.
-Any connection may also C{get} slices the CDN holds.  A lost control
-connection drops the peer from scheduling at once and re-offers its work.
+C{fail}/C{leave}/C{lost}); the supernode pushes C{assign}, C{task_info},
+C{task_failed} and C{check} to them the moment scheduling or the CDN produces
+something.  Any connection may also C{get} slices the CDN holds.  A lost
+control connection drops the peer from scheduling at once and re-offers its
+work.
 
 A C{register} is a request for the file: a cached copy older than
 C{revalidate_after} is first checked with the origin, and an unknown task is
@@ -16,6 +17,12 @@ much longer the supernode trusts that generation without asking the origin, so
 that peers ask again (by registering) only once that has run out.  A C{fail}
 with the reason C{"not downloading"} means the peer has no download of the task
 at all: it leaves the task, rather than being offered the piece again.
+
+A C{fail} with C{"kind": "md5"} says the slice arrived whole with another md5
+than the piece's.  If its source is a peer holding the piece, the supernode
+sends that peer C{check} (task, piece, the piece's md5): the peer reads its copy
+back from disk, and if it is damaged drops it (a finished file leaves the task;
+an unfinished download answers C{lost} for the piece and fetches it again).
 """
 
 from __future__ import annotations
@@ -61,6 +68,11 @@ PROTOCOL_VERSION = 1
 # The reason of a peer's C{fail} for a piece of a task it has no download of.
 NOT_DOWNLOADING = "not downloading"
 _PEER_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,200}$")
+# Seconds before the same peer is asked again to check the same piece of a task, and how
+# many such requests are remembered (the expired ones are forgotten; with that many
+# recent ones, no more checks are asked for until some expire).
+CHECK_INTERVAL = 10.0
+MAX_CHECKS_REMEMBERED = 4096
 
 
 @dataclass
@@ -113,6 +125,8 @@ class Supernode:
         self.stats: dict[tuple[str, str], MemberStats] = {}
         self.revalidate_after = revalidate_after
         self.cache_limit = cache_limit
+        # (peer, task, piece) -> when that peer was last asked to check that piece.
+        self._checks: dict[tuple[str, str, int], float] = {}
         # Registrations waiting for a revalidation of their task to finish.
         self._waiting: dict[str, list[tuple[SupernodeSession, dict[str, Any]]]] = {}
         for task in self.cdn.load_cached():
@@ -305,10 +319,65 @@ class Supernode:
             reason=reason,
         )
         attempt = get_opt_int(msg, "attempt", 0, 1 << 62)
+        # A slice that failed its md5 from a peer holding the piece: that peer's copy may be
+        # damaged on its disk, which only it can tell.  Asked only for a report on the
+        # assignment on record (a made-up report of another attempt asks nothing).
+        mismatch = get_opt_str(msg, "kind", 32) == "md5" and source != CDN
+        ask = mismatch and self._holds_assigned(task_id, session.peer_id, piece, source, attempt)
         self._dispatch(self.scheduler.piece_failed(task_id, session.peer_id, piece, source, attempt))
         task = self.tasks.get(task_id)
+        if ask and task is not None:
+            self._ask_check(task, piece, source)
         if source == CDN and task is not None and task.state == "done" and not self.cdn.piece_intact(task, piece):
             self._repair(task, piece)
+
+    def _holds_assigned(self, task_id: str, peer_id: str, piece: int, source: str, attempt: int | None) -> bool:
+        """Whether C{peer_id} runs C{piece} from C{source} in C{attempt} (if named), and
+        C{source} holds the piece (a relay still receiving it is judged otherwise)."""
+        sched = self.scheduler.tasks.get(task_id)
+        member = sched.members.get(peer_id) if sched is not None else None
+        holder = sched.members.get(source) if sched is not None else None
+        return (
+            member is not None
+            and holder is not None
+            and member.running.get(piece) == source
+            and (attempt is None or member.attempts.get(piece) == attempt)
+            and piece in holder.has
+        )
+
+    def _ask_check(self, task: CdnTask, piece: int, source: str) -> None:
+        """Ask C{source} to check its copy of C{piece} against the md5 computed here (at most
+        once per C{CHECK_INTERVAL} for one piece of one peer)."""
+        md5 = task.piece_md5.get(piece)
+        session = self.sessions.get(source)
+        if md5 is None or session is None:
+            return
+        now = self._reactor.seconds()
+        key = (source, task.task_id, piece)
+        last = self._checks.get(key)
+        if last is not None and now - last < CHECK_INTERVAL:
+            return
+        if len(self._checks) >= MAX_CHECKS_REMEMBERED:
+            self._checks = {k: t for k, t in self._checks.items() if now - t < CHECK_INTERVAL}
+            if len(self._checks) >= MAX_CHECKS_REMEMBERED:
+                return  # a flood of reports: the pieces are asked about again later
+        self._checks[key] = now
+        self._log.info(
+            "asking peer {source} to check its copy of piece {piece} of {task_id}",
+            source=source, piece=piece, task_id=task.task_id,
+        )
+        session.wire.send_control({"op": "check", "task": task.task_id, "piece": piece, "md5": md5})
+
+    def piece_lost(self, session: SupernodeSession, msg: dict[str, Any]) -> None:
+        """A peer's copy of a piece failed its check: it holds the piece no more."""
+        assert session.peer_id is not None
+        task_id, piece = get_task_id(msg), get_int(msg, "piece", 0, 1 << 24)
+        if self._member(task_id, session.peer_id):
+            self._log.warn(
+                "peer {peer_id} found its copy of piece {piece} of {task_id} damaged; it fetches it again",
+                peer_id=session.peer_id, piece=piece, task_id=task_id,
+            )
+        self._dispatch(self.scheduler.piece_lost(task_id, session.peer_id, piece))
 
     def _repair(self, task: CdnTask, piece: int) -> None:
         """The cached copy is damaged: stop offering it and fetch what is bad again."""
@@ -590,6 +659,8 @@ class SupernodeSession(SliceServerSession):
             self.node.piece_failed(self, msg)
         elif op == "leave":
             self.node.leave(self, msg)
+        elif op == "lost":
+            self.node.piece_lost(self, msg)
         else:
             raise BadControlMessage(f"unknown op {op!r}")
 
