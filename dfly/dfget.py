@@ -46,6 +46,7 @@ from dfly.dfget_cli import (  # noqa: F401
     EXIT_USAGE,
     INTERRUPT_GRACE,
     REQUEST_LIMIT,
+    ApiFrames,
     EarlyCopy,
     Options,
     Output,
@@ -74,27 +75,20 @@ from dfly.urls import origin_headers
 BACK_SOURCE_IDLE = 60.0
 _BODY_DONE = Failure(ResponseDone())
 
-class _ApiClient:
+class _ApiClient(ApiFrames):
     """Client side of the peer daemon's local API."""
 
     def __init__(self, wire: Any, sock: str, reporter: Reporter, early: EarlyCopy) -> None:
+        super().__init__(reporter, early)
         self.wire = wire
         self.sock = sock
-        self.reporter = reporter
-        self.early = early
         self.result: Deferred[dict[str, Any]] = Deferred()
 
     def connection_made(self) -> None:
         pass
 
-    def control_received(self, msg: dict[str, Any]) -> None:
-        op = msg["op"]
-        if op == "progress":
-            self.reporter.progress(int(msg.get("received") or 0), msg.get("total"))
-            path, ready = msg.get("path"), msg.get("ready")
-            if isinstance(path, str) and isinstance(ready, int):
-                self.early.advance(path, ready, msg.get("epoch"))
-        elif op in ("done", "failed") and not self.result.called:
+    def answered(self, msg: dict[str, Any]) -> None:
+        if not self.result.called:
             self.result.callback(msg)
 
     def slice_data(self, data: memoryview) -> None:

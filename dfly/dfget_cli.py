@@ -402,14 +402,13 @@ class _Interrupted(Exception):
     """A signal arrived (SIGINT, SIGTERM or SIGHUP)."""
 
 
-class _ApiReader:
-    """Frames from the daemon's local API: progress (and early copies), then the result."""
+class ApiFrames:
+    """What dfget makes of the daemon's local API frames: progress (and early copies), then
+    one result (L{answered}); shared by the blocking client here and L{dfly.dfget}'s."""
 
     def __init__(self, reporter: Reporter, early: EarlyCopy) -> None:
         self.reporter = reporter
         self.early = early
-        self.result: dict[str, Any] | None = None
-        self.parser = FrameParser(self)
 
     def control_received(self, msg: dict[str, Any]) -> None:
         op = msg["op"]
@@ -418,7 +417,23 @@ class _ApiReader:
             path, ready = msg.get("path"), msg.get("ready")
             if isinstance(path, str) and isinstance(ready, int):
                 self.early.advance(path, ready, msg.get("epoch"))
-        elif op in ("done", "failed") and self.result is None:
+        elif op in ("done", "failed"):
+            self.answered(msg)
+
+    def answered(self, msg: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class _ApiReader(ApiFrames):
+    """The blocking client's frames: the result is kept for the read loop."""
+
+    def __init__(self, reporter: Reporter, early: EarlyCopy) -> None:
+        super().__init__(reporter, early)
+        self.result: dict[str, Any] | None = None
+        self.parser = FrameParser(self)
+
+    def answered(self, msg: dict[str, Any]) -> None:
+        if self.result is None:
             self.result = msg
 
     def slice_data(self, data: memoryview) -> None:

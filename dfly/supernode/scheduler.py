@@ -396,15 +396,7 @@ class Scheduler:
         member.has.discard(piece)
         task.holders.get(piece, set()).discard(peer_id)
         if not peer.blacklisted:
-            n = task.good[piece] - 1
-            if n:
-                task.good[piece] = n
-            else:
-                del task.good[piece]
-                task.dirty_pieces.add(piece)  # may come from the CDN now
-                task.cdn_freed = True
-            if peer.uploads < self.up_limit:
-                self._unfree(task, piece, peer.uploads, peer_id)
+            self._unsource(task, piece, peer)
         for other_id, p in list(task.serving.get(peer_id, ())):
             other = task.members.get(other_id)
             if p == piece and other is not None and other.running.get(piece) == peer_id:
@@ -849,25 +841,23 @@ class Scheduler:
         """Take C{member}'s pieces out of the source indexes (blacklisted or gone)."""
         if peer.blacklisted:
             return
-        pid = member.peer_id
         for piece in member.has:
-            n = task.good[piece] - 1
-            if n:
-                task.good[piece] = n
-            else:
-                del task.good[piece]
-                task.dirty_pieces.add(piece)  # may come from the CDN now
-                task.cdn_freed = True
-            if peer.uploads < self.up_limit:
-                task.free[piece][peer.uploads].discard(pid)
-                n = task.nfree[piece] - 1
-                if n:
-                    task.nfree[piece] = n
-                else:
-                    del task.nfree[piece]
+            self._unsource(task, piece, peer)
         if peer.uploads < self.up_limit:
             for piece in member.relays:
-                self._unfree(task, piece, self.up_limit + peer.uploads, pid)
+                self._unfree(task, piece, self.up_limit + peer.uploads, member.peer_id)
+
+    def _unsource(self, task: TaskState, piece: int, peer: PeerState) -> None:
+        """A usable holder of C{piece} is no longer one (gone, blacklisted, lost the piece)."""
+        n = task.good[piece] - 1
+        if n:
+            task.good[piece] = n
+        else:
+            del task.good[piece]
+            task.dirty_pieces.add(piece)  # may come from the CDN now
+            task.cdn_freed = True
+        if peer.uploads < self.up_limit:
+            self._unfree(task, piece, peer.uploads, peer.peer_id)
 
     def _drop_member(self, task: TaskState, peer_id: str) -> None:
         self._touch(task)
