@@ -13,7 +13,6 @@ running daemon, which need no reactor, are in L{dfly.dfget_cli}.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import signal
@@ -57,6 +56,7 @@ from dfly.dfget_cli import (  # noqa: F401
     exit_code,
     main,
     raise_kind,
+    report_success,
     request_size,
     swarm_summary,
 )
@@ -385,13 +385,7 @@ async def run(
     finally:
         if timer is not None and timer.active():
             timer.cancel()
-    reporter.end()
-    summary["seconds"] = round(time.monotonic() - started, 3)  # the whole command
-    if opts["json"]:
-        stdout.write(json.dumps({"output": out.path, **summary}) + "\n")
-    elif stderr.isatty() and not opts["quiet"]:
-        stderr.write(f"dfget: saved {out.path} ({summary.get('length')} bytes, md5 {summary.get('md5')})\n")
-    return EXIT_OK
+    return report_success(opts, out, reporter, summary, started, stdout, stderr)
 
 
 def run_with_reactor(opts: Options) -> int:

@@ -548,6 +548,14 @@ def run_without_reactor(opts: Options, stdout: TextIO, stderr: TextIO) -> int | 
         reporter.end()
         stderr.write(f"dfget: {describe(e)}\n")
         return exit_code(e)
+    return report_success(opts, out, reporter, summary, started, stdout, stderr)
+
+
+def report_success(
+    opts: Options, out: Output, reporter: Reporter, summary: dict[str, Any], started: float,
+    stdout: TextIO, stderr: TextIO,
+) -> int:
+    """A finished download's last words: the --json line, or a note on a terminal."""
     reporter.end()
     summary["seconds"] = round(time.monotonic() - started, 3)  # the whole command
     if opts["json"]:

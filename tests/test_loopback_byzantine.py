@@ -12,13 +12,13 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 from filegen import make_file
+from waiting import wait_for
 
-from dfly.devtools.swarm import Proc, Swarm, SwarmError, proc_kib
+from dfly.devtools.swarm import Proc, Swarm, proc_kib
 from dfly.devtools.swarm import sha256_file as sha256
 from dfly.pieces import MIB
 
@@ -37,21 +37,6 @@ def start_liar(swarm: Swarm, url: str, mode: str, *extra: str, name: str | None 
         "--seconds", "120", "--ready-file", ready, *extra,
     ]
     return swarm.spawn(name, argv, ready)
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll C{check} every 50 ms until it returns something true, for at most C{timeout} s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = check()
-        except SwarmError:
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def peers_of(swarm: Swarm, suffix: str) -> dict[str, dict[str, Any]]:

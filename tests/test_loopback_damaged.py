@@ -12,36 +12,19 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
-import time
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 from filegen import make_file
 from httphelpers import LOCAL, blob_url, get, registry_blob, sha
+from waiting import wait_for
 
-from dfly.devtools.swarm import Swarm, SwarmError
+from dfly.devtools.swarm import Swarm
 from dfly.devtools.swarm import sha256_file as sha256
 from dfly.pieces import MIB
 
 pytestmark = pytest.mark.loopback
 
 PIECE_DATA = MIB - 5
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll C{check} every 50 ms until it returns something true, for at most C{timeout} s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = check()
-        except SwarmError:
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def data_file(swarm: Swarm, peer: str) -> str:
