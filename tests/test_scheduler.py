@@ -828,3 +828,18 @@ def test_store_and_forward_waits_for_the_whole_piece() -> None:
     s.join(T, "a")
     assert s.cdn_piece_started(T, 0) == []
     assert pairs(s.cdn_piece_ready(T, 0)) == {("a", 0, CDN)}
+
+
+def test_joining_again_says_what_a_member_holds_now() -> None:
+    """A member that registers again holding fewer pieces (it dropped an old version, or
+    restarted) is no longer counted as their holder: downloads from it are withdrawn, the
+    pieces go to it again, and nobody waits for pieces that exist nowhere."""
+    s = setup(2, up_limit=1, down_limit=1)
+    assert s.join(T, "a", has=[0, 1]) == []
+    (b,) = s.join(T, "b")
+    assert b.source == "a"
+    new = s.join(T, "a", has=[])
+    task = s.tasks[T]
+    assert task.members["a"].has == set() and "a" not in task.holders.get(b.piece, set())
+    assert all(x.source == CDN for x in new) and {x.peer for x in new} == {"a", "b"}
+    check_invariants(s)

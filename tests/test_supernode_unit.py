@@ -781,3 +781,45 @@ def test_a_failed_origin_fetch_cuts_the_readers_of_a_piece_in_progress(env: Env)
     body.end()
     assert source.growing.failed
     assert w1.ops("task_failed") and tid not in env.node.tasks
+
+
+def test_a_resumed_fetch_that_finds_a_new_version_starts_the_swarm_over(tmp_path: Any) -> None:
+    """A restarted supernode resumes a partial task; a peer re-registers holding its first
+    piece (old version); the origin answers the Range with a whole new file.  The peer is
+    told to reset, the scheduler forgets the old pieces (no member counts as holding them),
+    and once the peer registers again it is assigned the new pieces: nobody waits forever
+    for pieces that no longer exist."""
+    from twisted.internet.error import ConnectionLost
+
+    clock = MemoryReactorClock()
+    home = str(tmp_path / "home")
+    tid = task_id_for(URL)
+    http1 = FakeHttp()
+    first = Supernode(clock, http1, home, piece_size=P, scheduler=Scheduler(relay=False))
+    first.cdn.discard = lambda task: task.close()  # type: ignore[method-assign]
+    sa, wa = connect(first, "pa")
+    register(sa)
+    cut = FakeResponse(200, [CONTENT[: P - OVERHEAD]], length=len(CONTENT), reason=Failure(ConnectionLost()))
+    cut.headers.setRawHeaders(b"etag", [b'"v1"'])
+    http1.respond(0, cut)
+    generation = wa.ops("task_info")[0]["generation"]
+    _close_tasks(first)
+
+    http2 = FakeHttp()
+    second = Supernode(clock, http2, home, piece_size=P, scheduler=Scheduler(relay=False))
+    assert second.tasks[tid].state == "partial"
+    sb, wb = connect(second, "pa")
+    register(sb, have="0", generation=generation)
+    new = bytes(reversed(CONTENT))
+    fresh = FakeResponse(200, [new])
+    fresh.headers.setRawHeaders(b"etag", [b'"v2"'])
+    http2.respond(0, fresh)
+    assert wb.ops("task_reset") == [{"op": "task_reset", "task": tid}]
+    sched = second.scheduler.tasks[tid]
+    assert "pa" not in sched.members or not sched.members["pa"].has
+    before = len(wb.ops("assign"))
+    register(sb, req=2)  # what the peer does after a reset
+    (assign,) = wb.ops("assign")[before:]  # one download at a time, of the new version
+    assert assign["md5"] == second.tasks[tid].piece_md5[assign["piece"]]
+    assert second.tasks[tid].state == "done"
+    _close_tasks(second)

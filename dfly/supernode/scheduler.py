@@ -274,8 +274,10 @@ class Scheduler:
             task.failed = True
 
     def join(self, task_id: str, peer_id: str, has: Iterable[int] = (), seeding_only: bool = False) -> list[Assignment]:
-        """A peer joins a task, possibly holding some pieces already."""
+        """A peer joins a task, possibly holding some pieces already.  A member joining
+        again says what it holds now: pieces it no longer has are lost (as L{piece_lost})."""
         task = self.tasks[task_id]
+        has = set(has)
         peer = self.peers.get(peer_id)
         if peer is None:
             peer = self.peers[peer_id] = PeerState(peer_id)
@@ -287,6 +289,8 @@ class Scheduler:
         member.seeding_only = seeding_only
         if seeding_only:
             self._unblock(task, member)
+        for piece in member.has - has:
+            self._lose(task, member, peer, piece)
         for piece in has:
             if piece not in member.has and piece not in member.running:
                 self._gain(task, member, peer, piece)
@@ -393,18 +397,21 @@ class Scheduler:
         peer = self.peers.get(peer_id)
         if task is None or member is None or peer is None or piece not in member.has:
             return []
-        member.has.discard(piece)
-        task.holders.get(piece, set()).discard(peer_id)
-        if not peer.blacklisted:
-            self._unsource(task, piece, peer)
-        for other_id, p in list(task.serving.get(peer_id, ())):
-            other = task.members.get(other_id)
-            if p == piece and other is not None and other.running.get(piece) == peer_id:
-                self._withdraw(task, other, piece)
-        self._unrun(task, member, piece)
-        task.to_fill[peer_id] = None
+        self._lose(task, member, peer, piece)
         self._touch(task)
         return self._settle()
+
+    def _lose(self, task: TaskState, member: Member, peer: PeerState, piece: int) -> None:
+        member.has.discard(piece)
+        task.holders.get(piece, set()).discard(peer.peer_id)
+        if not peer.blacklisted:
+            self._unsource(task, piece, peer)
+        for other_id, p in list(task.serving.get(peer.peer_id, ())):
+            other = task.members.get(other_id)
+            if p == piece and other is not None and other.running.get(piece) == peer.peer_id:
+                self._withdraw(task, other, piece)
+        self._unrun(task, member, piece)
+        task.to_fill[peer.peer_id] = None
 
     def _count_failure(self, task: TaskState, peer_id: str, source: str) -> None:
         """C{peer_id}'s download from C{source} failed: count it against both."""

@@ -480,6 +480,14 @@ class Supernode:
 
     # -- CDN events ----------------------------------------------------------
     def _cdn_headers(self, task: CdnTask) -> None:
+        sched = self.scheduler.tasks.get(task.task_id)
+        if sched is not None and (sched.available or any(m.has or m.running for m in sched.members.values())):
+            # A resumed fetch found another version at the origin: what the members hold (and
+            # told us after a restart) is of the old one.  They drop it and register again;
+            # the scheduler starts over, else it would count pieces nobody holds any more.
+            self._broadcast(task, {"op": "task_reset", "task": task.task_id})
+            self.scheduler.remove_task(task.task_id)
+            self.scheduler.add_task(task.task_id)
         self._broadcast(task, {"op": "task_info", **self._task_info(task)})
 
     def _cdn_piece_started(self, task: CdnTask, piece: int) -> None:
